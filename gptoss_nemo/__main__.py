@@ -1,0 +1,3 @@
+from gptoss_nemo.cli import main
+
+raise SystemExit(main())

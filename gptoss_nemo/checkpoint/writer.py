@@ -1,0 +1,76 @@
+"""Writing Hugging Face checkpoints: safetensors shards with an index, into a directory that appears whole.
+
+`atomic_dir(target)` yields a temporary directory beside `target` and renames it into place only when the
+block finishes, so an interrupted write never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gptoss_nemo.checkpoint.hf_layout import INDEX_FILE
+from gptoss_nemo.errors import CheckpointError
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    target = Path(target)
+    occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
+    if occupied and not overwrite:
+        raise CheckpointError(f"{target} already exists; choose a new directory or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _apply_umask(root: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; give the output the permissions the umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict[str, str]:
+    """Stream (name, tensor) pairs into model-0000k-of-0000n.safetensors shards plus the index; return weight_map."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, total = 0, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map

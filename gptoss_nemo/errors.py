@@ -1,0 +1,13 @@
+"""User-facing errors: one line that names the problem and the fix. The CLI prints them without a traceback."""
+
+
+class GptOssNemoError(ValueError):
+    """Bad input caught before any GPU time is spent."""
+
+
+class ConfigError(GptOssNemoError):
+    """A model or recipe configuration that cannot work."""
+
+
+class CheckpointError(GptOssNemoError):
+    """A checkpoint that is missing, incomplete or not in the expected layout."""

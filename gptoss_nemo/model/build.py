@@ -1,0 +1,91 @@
+"""Build the megatron-core `GPTModel` for a gpt-oss config, with the Transformer Engine spec when TE imports.
+
+Needs megatron's parallel state to be initialized (`megatron.core.parallel_state.initialize_model_parallel`)
+and a CUDA device: megatron-core creates the sink parameters and the YaRN cache on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gptoss_nemo.compat import apply_megatron_patches
+from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.megatron_config import GptOssTransformerConfig, RouterConfig, to_transformer_config
+
+log = logging.getLogger(__name__)
+MIN_TE_FOR_SINKS = "2.8"  # fused attention with learnable softmax offsets (sinks)
+
+
+def te_version() -> str | None:
+    """The importable Transformer Engine version, or None."""
+    try:
+        import transformer_engine  # noqa: F401
+        from importlib.metadata import version
+
+        return version("transformer_engine")
+    except Exception:  # ImportError, or a TE whose CUDA libraries do not load
+        return None
+
+
+def layer_spec(config: GptOssTransformerConfig, use_te: bool):
+    """Decoder layer spec: TE (grouped-GEMM experts, fused attention) or megatron's local spec."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization
+    )
+
+
+def transformer_config(
+    hf: GptOssConfig, router: RouterConfig | None = None, *, use_te: bool | None = None, **overrides
+) -> GptOssTransformerConfig:
+    """`to_transformer_config` with the attention backend chosen for the installed Transformer Engine."""
+    te = te_version()
+    use_te = te is not None if use_te is None else use_te
+    if use_te and te is None:
+        raise RuntimeError("use_te=True but transformer_engine does not import; drop use_te to use the local spec")
+    if use_te:
+        from megatron.core.transformer.enums import AttnBackend
+        from packaging.version import Version
+
+        if Version(te) < Version(MIN_TE_FOR_SINKS):
+            log.warning("Transformer Engine %s < %s has no fused sink attention: using local attention", te,
+                        MIN_TE_FOR_SINKS)
+            overrides.setdefault("attention_backend", AttnBackend.local)
+    return to_transformer_config(hf, router, use_te=use_te, **overrides)
+
+
+def build_model(
+    hf: GptOssConfig,
+    config: GptOssTransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+):
+    """The GPTModel for this pipeline stage (pre/post_process say whether it holds embedding / output layer)."""
+    from megatron.core.models.gpt import GPTModel
+
+    apply_megatron_patches()
+    if not torch.cuda.is_available():
+        raise RuntimeError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te=bool(config.moe_grouped_gemm)),
+        vocab_size=hf.vocab_size,
+        max_sequence_length=hf.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="yarn",
+        rotary_base=int(hf.rope.theta),
+        vp_stage=vp_stage,
+    )
