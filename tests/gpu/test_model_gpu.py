@@ -53,6 +53,12 @@ def test_builds_with_expected_structure(megatron_parallel, cfg):
     assert windows == [(127, 0) if s else None for s in cfg.sliding_layers]
     _, sinks = _router_and_sinks(model)
     assert all(s.shape == (cfg.num_attention_heads,) for s in sinks)
+    # The conversion table names exactly the parameters megatron built (no more, no fewer).
+    from gptoss_nemo.convert.mapping import LayerIndex, check_names, megatron_param_names
+
+    index = LayerIndex(0, cfg.num_hidden_layers, 0, cfg.num_local_experts)
+    expected = megatron_param_names(index, te=False, pre_process=True, post_process=True)
+    check_names(expected, {name for name, _ in model.named_parameters()}, "megatron local-spec model")
     print(f"RESULT build: tiny local-spec params={n} (analytic {count_parameters(cfg).total}), windows={windows}")
 
 
