@@ -49,7 +49,7 @@ def _random_tensors(cfg: GptOssConfig, seed: int, quantized: bool) -> Iterator[t
         yield name, t.to(torch.bfloat16)
 
 
-def _generation_config(cfg: GptOssConfig) -> dict:
+def _generation_config() -> dict:
     return {
         "bos_token_id": HARMONY_SPECIAL_TOKENS[BOS],
         "eos_token_id": list(GENERATION_EOS_IDS),
@@ -77,7 +77,7 @@ def write_tiny_checkpoint(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_shards(_random_tensors(cfg, seed, quantized), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
         if tokenizer:
             save_tokenizer(tmp, model_max_length=cfg.max_position_embeddings)
         check_checkpoint(tmp)

@@ -77,6 +77,7 @@ def build_model(
     apply_megatron_patches()
     if not torch.cuda.is_available():
         raise RuntimeError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
+    # to_transformer_config turns grouped-GEMM experts on exactly when it is given the TE spec.
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te=bool(config.moe_grouped_gemm)),
