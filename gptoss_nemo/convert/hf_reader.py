@@ -15,14 +15,16 @@ import torch
 from safetensors import safe_open
 
 from gptoss_nemo.checkpoint import mxfp4
-from gptoss_nemo.checkpoint.hf_layout import SAFETENSORS_DTYPES, check_checkpoint, layer_prefix, weight_map
+from gptoss_nemo.checkpoint.hf_layout import check_tensors, layer_prefix, read_specs, weight_map
 from gptoss_nemo.model.hf_config import GptOssConfig
 
 
 class HFReader:
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
-        self.cfg: GptOssConfig = check_checkpoint(self.dir)
+        self.cfg = GptOssConfig.from_file(self.dir)
+        self._specs = read_specs(self.dir)  # headers only; the same check as hf_layout.check_checkpoint
+        check_tensors(self.cfg, self._specs, where=str(self.dir))
         self._map = weight_map(self.dir)
         self._files: dict[str, object] = {}
         self.bytes_read = 0
@@ -57,10 +59,5 @@ class HFReader:
         return out
 
     def expert_bytes_total(self) -> int:
-        total = 0
-        for name in self._map:
-            if ".mlp.experts." in name:
-                sl = self._slice(name)
-                itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[sl.get_dtype()]).element_size()
-                total += math.prod(sl.get_shape()) * itemsize
-        return total
+        return sum(math.prod(shape) * dtype.itemsize for name, (shape, dtype) in self._specs.items()
+                   if ".mlp.experts." in name)

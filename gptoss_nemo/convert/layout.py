@@ -31,7 +31,7 @@ class ParallelLayout:
              f"num_key_value_heads={cfg.num_key_value_heads} is not divisible by tp={self.tp}"),
             (cfg.num_hidden_layers % self.pp, f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pp={self.pp}"),
             (world_size % (self.tp * self.pp), f"world size {world_size} is not divisible by tp*pp={self.tp * self.pp}"),
-            ((world_size // max(self.pp, 1)) % self.ep,
+            ((world_size // self.pp) % self.ep,
              f"world size {world_size} / pp={self.pp} is not divisible by ep={self.ep}"),
         ]
         for bad, message in checks:
