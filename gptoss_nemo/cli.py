@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from gptoss_nemo import __version__
@@ -24,6 +26,53 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout(args: argparse.Namespace):
+    from gptoss_nemo.parallel.layout import ParallelLayout
+
+    return ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from gptoss_nemo.convert.import_hf import run_import
+
+    summary = _distributed(run_import, args.hf_dir, args.out_ckpt, args)
+    if _rank0():
+        print(json.dumps({"imported": summary}))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gptoss_nemo.convert.hf_export import run_export_bf16
+
+    path = _distributed(run_export_bf16, args.ckpt, args.out_dir, args)
+    if _rank0():
+        print(f"wrote BF16 Hugging Face checkpoint to {path}")
+    return 0
+
+
+def _distributed(run, src: str, dst: str, args: argparse.Namespace):
+    """Run a multi-rank stage command; the process group is torn down however it ends."""
+    from gptoss_nemo.parallel.setup import shutdown
+
+    try:
+        return run(src, dst, _layout(args), overwrite=args.overwrite, use_te=False if args.local_spec else None)
+    finally:
+        shutdown()
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel layout (launch with torchrun/srun; world size = WORLD_SIZE)")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    g.add_argument("--local-spec", action="store_true",
+                   help="megatron's local layer spec even when Transformer Engine imports")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-nemo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gptoss-nemo {__version__}")
@@ -43,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="write dequantized BF16 experts instead of MXFP4")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("import", help="Hugging Face gpt-oss (MXFP4 or BF16) -> megatron distributed checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_ckpt")
+    p.add_argument("--overwrite", action="store_true")
+    _parallel_args(p)
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=["bf16"], default="bf16", help="bf16: dequantized experts")
+    p.add_argument("--overwrite", action="store_true")
+    _parallel_args(p)
+    p.set_defaults(func=_export)
     return parser
 
 
@@ -51,5 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GptOssNemoError as e:
-        print(f"gptoss-nemo {args.command}: error: {e}", file=sys.stderr)
+        if _rank0():  # every rank hits the same pre-flight check; say it once
+            print(f"gptoss-nemo {args.command}: error: {e}", file=sys.stderr)
         return 2

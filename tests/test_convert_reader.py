@@ -5,7 +5,7 @@ import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from gptoss_nemo.convert.hf_reader import HFReader
-from gptoss_nemo.convert.layout import ParallelLayout
+from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.presets import gpt_oss_120b, tiny
 
@@ -23,6 +23,12 @@ from gptoss_nemo.model.presets import gpt_oss_120b, tiny
 def test_layouts_that_do_not_divide(layout, world, message):
     with pytest.raises(ConfigError, match=message):
         layout.validate(tiny(), world)
+
+
+def test_local_spec_refuses_tensor_parallel():
+    ParallelLayout(tp=2).validate(tiny(), 2, te=True)
+    with pytest.raises(ConfigError, match="tp>1 needs Transformer Engine"):
+        ParallelLayout(tp=2).validate(tiny(), 2, te=False)
 
 
 def test_real_layouts_validate():

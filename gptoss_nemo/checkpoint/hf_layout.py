@@ -167,3 +167,20 @@ def check_checkpoint(ckpt_dir: str | Path) -> GptOssConfig:
     cfg = GptOssConfig.from_file(d)
     check_tensors(cfg, read_specs(d), where=str(d))
     return cfg
+
+
+# Files beside the weights that travel with a model through import and export (those present are copied).
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the SIDE_FILES that `src` has into `dst`; return their names."""
+    import shutil
+
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied

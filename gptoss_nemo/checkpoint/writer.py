@@ -23,12 +23,18 @@ from gptoss_nemo.errors import CheckpointError
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def check_target(target: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write over a non-empty `target` unless asked to (checked before any work is spent)."""
     target = Path(target)
     occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
     if occupied and not overwrite:
         raise CheckpointError(f"{target} already exists; choose a new directory or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    target = Path(target)
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -54,23 +60,35 @@ def _apply_umask(root: Path) -> None:
 def write_shards(
     tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> dict[str, str]:
-    """Stream (name, tensor) pairs into model-0000k-of-0000n.safetensors shards plus the index; return weight_map."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    """Stream (name, tensor) pairs into model-0000k-of-0000n.safetensors shards plus the index; return weight_map.
+
+    A shard is written as soon as it is full, so at most one shard's tensors are held at a time.
+    """
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
     size, total = 0, 0
+
+    def flush() -> None:
+        path = out_dir / f"shard-{len(written) + 1:05d}.partial"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = t.contiguous()
+        shard[name] = t.contiguous()
         size += nbytes
         total += nbytes
-    n = len(shards)
+    if shard or not written:
+        flush()
     weight_map: dict[str, str] = {}
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
+    for k, (path, names) in enumerate(written, start=1):
+        fname = f"model-{k:05d}-of-{len(written):05d}.safetensors"
+        os.replace(path, out_dir / fname)
+        weight_map.update({name: fname for name in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map

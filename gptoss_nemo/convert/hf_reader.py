@@ -36,9 +36,10 @@ class HFReader:
             self._files[fname] = safe_open(self.dir / fname, "pt")
         return self._files[fname].get_slice(name)
 
-    def read(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
-        """Rows `rows` (along dim 0) of tensor `name`; only those bytes are read from disk."""
-        t = self._slice(name)[rows]
+    def read(self, name: str, rows: slice = slice(None), cols: slice | None = None) -> torch.Tensor:
+        """Rows `rows` (dim 0), and columns `cols` (dim 1) if given, of tensor `name`; only those are read."""
+        sl = self._slice(name)
+        t = sl[rows] if cols is None else sl[rows, cols]
         nbytes = t.numel() * t.element_size()
         self.bytes_read += nbytes
         if ".mlp.experts." in name:

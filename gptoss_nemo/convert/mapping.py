@@ -4,7 +4,7 @@ Megatron names are those of one pipeline stage's model: `decoder.layers.{n}` cou
 `local_experts.{e}` (local spec, SequentialMLP) or `linear_fc1.weight{e}` (TE spec, grouped GEMM) the rank's own
 experts; `LayerIndex` carries the offsets back to global HF indices.
 
-Transforms (HF layout -> megatron layout; each has an exact inverse):
+Transforms (HF layout -> megatron layout; each has an exact inverse; `TP_SPLIT_DIM` says how TP shards):
   qkv_fuse     q [heads*d, H], k/v [groups*d, H] -> [groups*(heads/groups + 2)*d, H]: per query group, its query
                heads, then its key head, then its value head (megatron's fused GQA layout; TP splits groups).
                The same for the biases.
@@ -17,12 +17,11 @@ Transforms (HF layout -> megatron layout; each has an exact inverse):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from gptoss_nemo.errors import CheckpointError
 from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.parallel.layout import LayerIndex
 
 # HF suffix under model.layers.{n}. -> megatron suffix under decoder.layers.{n}., for the local spec.
 LAYER_TABLE = {
@@ -43,6 +42,16 @@ GLOBAL_TABLE = {
     "lm_head.weight": "output_layer.weight",
 }
 EXPERT_PARAMS = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
+# Megatron suffix -> the dim tensor parallelism splits (column-parallel: 0, row-parallel: 1); absent = every TP
+# rank holds the whole tensor. Experts are absent too: ETP = 1.
+TP_SPLIT_DIM = {
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "self_attention.linear_proj.weight": 1,
+    "self_attention.core_attention.softmax_offset": 0,
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+}
 
 
 def expert_name(local_expert: int, param: str, te: bool) -> str:
@@ -60,9 +69,11 @@ def megatron_layer_names(te: bool) -> dict[str, str]:
 # ---- transforms --------------------------------------------------------------------------------------------
 
 
-def qkv_fuse(cfg: GptOssConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    groups, d = cfg.num_key_value_heads, cfg.head_dim
-    per_group = cfg.num_attention_heads // groups
+def qkv_fuse(cfg: GptOssConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             groups: int | None = None) -> torch.Tensor:
+    """q/k/v rows of `groups` consecutive query groups (all of them by default) -> megatron's fused rows."""
+    groups = cfg.num_key_value_heads if groups is None else groups
+    d, per_group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     rest = q.shape[1:]
     q = q.reshape(groups, per_group * d, *rest)
     k = k.reshape(groups, d, *rest)
@@ -90,14 +101,17 @@ def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate, up], dim=1).reshape(t.shape)
 
 
-@dataclass(frozen=True, slots=True)
-class LayerIndex:
-    """Where a pipeline stage's layers and an EP rank's experts sit in the global model."""
+def tp_rows(total: int, tp_rank: int, tp: int) -> slice:
+    """The contiguous block of `total` rows (heads, groups, vocabulary entries) TP rank `tp_rank` holds."""
+    n = total // tp
+    return slice(tp_rank * n, (tp_rank + 1) * n)
 
-    first_layer: int
-    num_layers: int
-    first_expert: int
-    num_experts: int
+
+def layer_suffixes(num_local_experts: int, te: bool) -> list[str]:
+    """Megatron names of one layer's parameters, relative to `decoder.layers.{n}.`, in a fixed order."""
+    index = LayerIndex(first_layer=0, num_layers=1, first_expert=0, num_experts=num_local_experts)
+    prefix = "decoder.layers.0."
+    return sorted(n[len(prefix):] for n in megatron_param_names(index, te, False, False))
 
 
 def check_names(expected: set[str], got: set[str], where: str) -> None:

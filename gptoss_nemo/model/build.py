@@ -29,6 +29,14 @@ def te_version() -> str | None:
         return None
 
 
+def resolve_use_te(use_te: bool | None) -> bool:
+    """None: TE when it imports. True without TE is an error, not a silent fallback."""
+    te = te_version()
+    if use_te and te is None:
+        raise RuntimeError("use_te=True but transformer_engine does not import; drop use_te to use the local spec")
+    return te is not None if use_te is None else use_te
+
+
 def layer_spec(config: GptOssTransformerConfig, use_te: bool):
     """Decoder layer spec: TE (grouped-GEMM experts, fused attention) or megatron's local spec."""
     if use_te:
@@ -48,11 +56,9 @@ def transformer_config(
     hf: GptOssConfig, router: RouterConfig | None = None, *, use_te: bool | None = None, **overrides
 ) -> GptOssTransformerConfig:
     """`to_transformer_config` with the attention backend chosen for the installed Transformer Engine."""
-    te = te_version()
-    use_te = te is not None if use_te is None else use_te
-    if use_te and te is None:
-        raise RuntimeError("use_te=True but transformer_engine does not import; drop use_te to use the local spec")
+    use_te = resolve_use_te(use_te)
     if use_te:
+        te = te_version()
         from megatron.core.transformer.enums import AttnBackend
         from packaging.version import Version
 
@@ -70,15 +76,17 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    parallel_output: bool = True,
 ):
-    """The GPTModel for this pipeline stage (pre/post_process say whether it holds embedding / output layer)."""
+    """The GPTModel for this pipeline stage (pre/post_process say whether it holds embedding / output layer).
+    parallel_output=False gathers the vocabulary-parallel logits (for evaluation, not for training)."""
     from megatron.core.models.gpt import GPTModel
 
     apply_megatron_patches()
     if not torch.cuda.is_available():
         raise RuntimeError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
     # to_transformer_config turns grouped-GEMM experts on exactly when it is given the TE spec.
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te=bool(config.moe_grouped_gemm)),
         vocab_size=hf.vocab_size,
@@ -89,4 +97,17 @@ def build_model(
         position_embedding_type="yarn",
         rotary_base=int(hf.rope.theta),
         vp_stage=vp_stage,
+        parallel_output=parallel_output,
     )
+    return model.cuda(torch.cuda.current_device())  # the local spec creates norms on the CPU
+
+
+def build_rank_model(hf: GptOssConfig, layout, router: RouterConfig | None = None, *, use_te: bool | None = None,
+                     parallel_output: bool = True, **overrides):
+    """This rank's stage of the model under `layout`, after `parallel.setup.init_distributed(layout)`."""
+    from megatron.core import parallel_state as ps
+
+    use_te = resolve_use_te(use_te)
+    config = transformer_config(hf, router, use_te=use_te, **{**layout.megatron_overrides(use_te), **overrides})
+    return build_model(hf, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                       parallel_output=parallel_output)

@@ -126,6 +126,7 @@ def to_transformer_config(
         moe_grouped_gemm=use_te,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # what pipeline stages send each other
         init_method_std=hf.initializer_range,
     )
     fields.update(overrides)

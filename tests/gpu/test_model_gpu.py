@@ -29,7 +29,7 @@ def _model(cfg, router=None):
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(1234)  # same initial weights for every model a test builds
     tc = transformer_config(cfg, router or RouterConfig(), use_te=False)
-    return build_model(cfg, tc).cuda()
+    return build_model(cfg, tc)
 
 
 def _batch(cfg, seed=0):
@@ -54,7 +54,8 @@ def test_builds_with_expected_structure(megatron_parallel, cfg):
     _, sinks = _router_and_sinks(model)
     assert all(s.shape == (cfg.num_attention_heads,) for s in sinks)
     # The conversion table names exactly the parameters megatron built (no more, no fewer).
-    from gptoss_nemo.convert.mapping import LayerIndex, check_names, megatron_param_names
+    from gptoss_nemo.convert.mapping import check_names, megatron_param_names
+    from gptoss_nemo.parallel.layout import LayerIndex
 
     index = LayerIndex(0, cfg.num_hidden_layers, 0, cfg.num_local_experts)
     expected = megatron_param_names(index, te=False, pre_process=True, post_process=True)

@@ -2,16 +2,26 @@
 
 Megatron orders ranks TP fastest, then (for experts) EP, then PP; with ETP=1 the expert-parallel group is
 carved out of the data-parallel x tensor-parallel ranks of a stage, so world % (TP*PP) and
-(world / PP) % EP must both be 0. Layers split evenly over PP stages, experts evenly over EP ranks.
+(world / PP) % EP must both be 0. Layers split evenly over PP stages, experts evenly over EP ranks,
+query groups (and with them heads) and vocabulary rows evenly over TP ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptoss_nemo.convert.mapping import LayerIndex
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.hf_config import GptOssConfig
+
+
+@dataclass(frozen=True, slots=True)
+class LayerIndex:
+    """Where a pipeline stage's layers and an EP rank's experts sit in the global model."""
+
+    first_layer: int
+    num_layers: int
+    first_expert: int
+    num_experts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +30,8 @@ class ParallelLayout:
     ep: int = 1
     pp: int = 1
 
-    def validate(self, cfg: GptOssConfig, world_size: int) -> None:
-        """Raise ConfigError naming the first dimension that does not divide."""
+    def validate(self, cfg: GptOssConfig, world_size: int, te: bool = True) -> None:
+        """Raise ConfigError naming the first dimension that does not divide (or that the spec cannot run)."""
         for name, value in (("tp", self.tp), ("ep", self.ep), ("pp", self.pp)):
             if value < 1:
                 raise ConfigError(f"parallelism.{name}={value} must be >= 1")
@@ -29,11 +39,18 @@ class ParallelLayout:
             (cfg.num_local_experts % self.ep, f"num_local_experts={cfg.num_local_experts} is not divisible by ep={self.ep}"),
             (cfg.num_key_value_heads % self.tp,
              f"num_key_value_heads={cfg.num_key_value_heads} is not divisible by tp={self.tp}"),
+            (cfg.vocab_size % self.tp, f"vocab_size={cfg.vocab_size} is not divisible by tp={self.tp}"),
             (cfg.num_hidden_layers % self.pp, f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pp={self.pp}"),
             (world_size % (self.tp * self.pp), f"world size {world_size} is not divisible by tp*pp={self.tp * self.pp}"),
             ((world_size // self.pp) % self.ep,
              f"world size {world_size} / pp={self.pp} is not divisible by ep={self.ep}"),
         ]
+        if not te and self.tp > 1:
+            # megatron-core refuses MoE + TP without sequence parallelism (at config time with EP, in training
+            # always), the local spec's torch norms refuse sequence parallelism, and in evaluation TP2 on the local
+            # spec disagrees with transformers (tests/gpu/RESULTS.md, issue 3): refuse rather than be wrong.
+            checks.append((True, "tp>1 needs Transformer Engine (the NeMo container); megatron's local spec cannot "
+                                 "run gpt-oss MoE layers tensor-parallel: use tp=1 with ep/pp instead"))
         for bad, message in checks:
             if bad:
                 raise ConfigError(f"parallel layout tp={self.tp} ep={self.ep} pp={self.pp}: {message}")
@@ -43,3 +60,17 @@ class ParallelLayout:
         layers, experts = cfg.num_hidden_layers // self.pp, cfg.num_local_experts // self.ep
         return LayerIndex(first_layer=pp_rank * layers, num_layers=layers,
                           first_expert=ep_rank * experts, num_experts=experts)
+
+    def megatron_overrides(self, te: bool) -> dict:
+        """TransformerConfig fields for this layout. Sequence parallelism goes with TP under TE (megatron needs it
+        for TP with EP, and it saves activation memory); the local spec's torch norms cannot do it."""
+        return {
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "expert_model_parallel_size": self.ep,
+            "expert_tensor_parallel_size": 1,
+            "sequence_parallel": te and self.tp > 1,
+        }
+
+    def stage_of(self, cfg: GptOssConfig, layer: int) -> int:
+        return layer // (cfg.num_hidden_layers // self.pp)

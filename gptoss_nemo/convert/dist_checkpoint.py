@@ -1,0 +1,86 @@
+"""The package's own checkpoint: a megatron-core distributed checkpoint plus what is needed to rebuild the model.
+
+    OUT/                      megatron dist_checkpointing (torch_dist): loads under any TP x EP x PP layout
+    OUT/gptoss_nemo.json      format version, where it came from, the layout it was written with
+    OUT/hf/config.json        the gpt-oss model config (BF16, no quantization_config)
+    OUT/hf/<side files>       tokenizer, chat template, generation config of the source checkpoint
+
+Written into a temporary directory and renamed when every rank is done: an interrupted save leaves no
+directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gptoss_nemo import __version__
+from gptoss_nemo.checkpoint.hf_layout import copy_side_files
+from gptoss_nemo.checkpoint.writer import atomic_dir
+from gptoss_nemo.convert.hf_to_megatron import unwrap
+from gptoss_nemo.errors import CheckpointError
+from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.parallel.layout import ParallelLayout
+
+META_FILE = "gptoss_nemo.json"
+HF_SUBDIR = "hf"
+FORMAT = 1
+
+
+def save_dist_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    cfg: GptOssConfig,
+    *,
+    layout: ParallelLayout,
+    source: str,
+    side_files_from: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Collective: every rank calls it with its own model stage."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    rank0 = dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        tmp = [stack.enter_context(atomic_dir(out_dir, overwrite=overwrite)) if rank0 else None]
+        dist.broadcast_object_list(tmp, src=0)
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp[0]))
+        dist.barrier()
+        if rank0:
+            meta = {"format": FORMAT, "gptoss_nemo": __version__, "source": source, "saved_with": asdict(layout)}
+            (tmp[0] / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp[0] / HF_SUBDIR).mkdir()
+            hf_cfg = cfg.replace(quantized=False).to_dict()
+            (tmp[0] / HF_SUBDIR / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            if side_files_from is not None:
+                copy_side_files(side_files_from, tmp[0] / HF_SUBDIR)
+    dist.barrier()  # the rename on rank 0 is done before anyone reads OUT
+    return Path(out_dir)
+
+
+def read_dist_checkpoint_config(ckpt_dir: str | Path) -> tuple[GptOssConfig, dict]:
+    """The model config and metadata of a gptoss-nemo checkpoint; a clear error for anything else."""
+    d = Path(ckpt_dir)
+    meta_file = d / META_FILE
+    if not meta_file.is_file():
+        hint = " (it looks like a Hugging Face checkpoint: run `gptoss-nemo import` on it first)" if (
+            d / "config.json").is_file() else ""
+        raise CheckpointError(f"{d}: not a gptoss-nemo checkpoint, {META_FILE} is missing{hint}")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, this gptoss-nemo reads format {FORMAT}")
+    return GptOssConfig.from_file(d / HF_SUBDIR), meta
+
+
+def load_dist_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Collective: fill this rank's model stage from the checkpoint, whatever layout wrote it."""
+    from megatron.core import dist_checkpointing
+
+    gpt = unwrap(model)
+    state = dist_checkpointing.load(gpt.sharded_state_dict(), str(ckpt_dir))
+    gpt.load_state_dict(state, strict=True)

@@ -1,0 +1,69 @@
+"""Write a Hugging Face BF16 gpt-oss checkpoint from a megatron model sharded in any layout.
+
+Every rank calls `export_hf_bf16`; rank 0 writes, shard by shard, into a directory that appears only when
+complete (config.json without quantization_config, the side files of the source checkpoint, the index).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptoss_nemo.checkpoint.hf_layout import check_checkpoint, copy_side_files
+from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check_target, write_shards
+from gptoss_nemo.convert.hf_to_megatron import unwrap
+from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
+from gptoss_nemo.model.build import resolve_use_te
+from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.parallel.layout import ParallelLayout
+from gptoss_nemo.parallel.setup import all_coords, current_coords
+
+
+def export_hf_bf16(
+    model: torch.nn.Module,
+    cfg: GptOssConfig,
+    layout: ParallelLayout,
+    out_dir: str | Path,
+    *,
+    side_files_from: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    import torch.distributed as dist
+
+    check_target(out_dir, overwrite)  # on every rank, so none starts sending to a rank 0 that will refuse
+    me = current_coords()
+    coords = all_coords(me)
+    gpt = unwrap(model)
+    local = dict(gpt.named_parameters())
+    tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))
+    if me.rank == 0:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            write_shards(tensors, tmp, max_shard_bytes)
+            (tmp / "config.json").write_text(json.dumps(cfg.replace(quantized=False).to_dict(), indent=2) + "\n")
+            if side_files_from is not None:
+                copy_side_files(side_files_from, tmp)
+            check_checkpoint(tmp)
+    else:
+        for _ in tensors:
+            pass
+    dist.barrier()
+    return Path(out_dir)
+
+
+def run_export_bf16(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *,
+                    overwrite: bool = False, use_te: bool | None = None) -> Path:
+    """`gptoss-nemo export --format bf16`: a gptoss-nemo checkpoint -> HF BF16, spread over `layout`."""
+    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, load_dist_checkpoint, read_dist_checkpoint_config
+    from gptoss_nemo.model.build import build_rank_model
+    from gptoss_nemo.parallel.setup import env_world_size, init_distributed
+
+    cfg, _meta = read_dist_checkpoint_config(ckpt_dir)
+    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te))
+    check_target(out_dir, overwrite)
+    init_distributed(layout)
+    model = build_rank_model(cfg, layout, use_te=use_te)
+    load_dist_checkpoint(model, ckpt_dir)
+    return export_hf_bf16(model, cfg, layout, out_dir, side_files_from=Path(ckpt_dir) / HF_SUBDIR, overwrite=overwrite)

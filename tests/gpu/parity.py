@@ -1,0 +1,110 @@
+"""Logit parity helpers shared by the one-GPU tests and the multi-GPU worker (not a test module)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from gptoss_nemo.checkpoint.hf_layout import weight_map
+
+SEQ, BATCH = 512, 4
+
+
+def token_ids(vocab_size: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (BATCH, SEQ), generator=gen).cuda()
+
+
+def reference_logits(hf_dir, ids: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """transformers' GptOssForCausalLM, eager attention (the implementation with sinks), same GPU."""
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager").cuda().eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    del model
+    return out
+
+
+def fp32_copy(model_bf16, build):
+    """An FP32 model (from `build(params_dtype=...)`) holding exactly the BF16 model's weights."""
+    model = build(params_dtype=torch.float32)
+    with torch.no_grad():
+        for (n32, p32), (n16, p16) in zip(model.named_parameters(), model_bf16.named_parameters(), strict=True):
+            assert n32 == n16
+            p32.copy_(p16)
+    return model
+
+
+def parity_report(hf_dir, ids, mc16: torch.Tensor, mc32: torch.Tensor) -> dict:
+    """Megatron vs transformers in FP32 and in BF16, and transformers' own BF16 noise (BF16 vs FP32)."""
+    hf32 = reference_logits(hf_dir, ids, torch.float32)
+    hf16 = reference_logits(hf_dir, ids, torch.bfloat16)
+    return {
+        "fp32": compare(hf32, mc32),
+        "bf16": compare(hf16, mc16),
+        "megatron_bf16_vs_reference_fp32": compare(hf32, mc16),
+        "reference_bf16_vs_reference_fp32": compare(hf32, hf16),
+    }
+
+
+def parity_failures(r: dict, cos: float, top1: float) -> list[str]:
+    """FP32 must meet the thresholds; BF16 megatron must be as close to the FP32 reference as transformers' own
+    BF16 run is (1.5x its cosine deficit, at most 1 point less top-1)."""
+    bad = []
+    if r["fp32"]["min_cos"] < cos or r["fp32"]["top1"] < top1:
+        bad.append(f"fp32 parity {r['fp32']['min_cos']:.7f} / {r['fp32']['top1']:.4f} below {cos} / {top1}")
+    ours, floor = r["megatron_bf16_vs_reference_fp32"], r["reference_bf16_vs_reference_fp32"]
+    if 1 - ours["min_cos"] > 1.5 * (1 - floor["min_cos"]) or ours["top1"] < floor["top1"] - 0.01:
+        bad.append(f"bf16 megatron {ours['min_cos']:.6f} / {ours['top1']:.4f} worse than transformers' own bf16 "
+                   f"{floor['min_cos']:.6f} / {floor['top1']:.4f}")
+    return bad
+
+
+def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, V] on the last pipeline stage (model built with parallel_output=False);
+    None on other stages. Stages hand activations on with plain send/recv."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    model.eval()
+    with torch.no_grad():
+        if not ps.is_pipeline_first_stage():
+            shape = torch.empty(3, dtype=torch.int64, device=ids.device)
+            dist.recv(shape, ps.get_pipeline_model_parallel_prev_rank())
+            dtype = model.config.params_dtype
+            hidden = torch.empty(shape.tolist(), dtype=dtype, device=ids.device)
+            dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(ids, pos, attention_mask=None)
+        if not ps.is_pipeline_last_stage():
+            out = out.to(model.config.params_dtype).contiguous()  # as megatron's pipeline_dtype does
+            dist.send(torch.tensor(out.shape, device=ids.device), ps.get_pipeline_model_parallel_next_rank())
+            dist.send(out, ps.get_pipeline_model_parallel_next_rank())
+            return None
+    return out
+
+
+def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Cosine similarity of each sequence's logits (flattened) and top-1 agreement over all positions."""
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    cos = [F.cosine_similarity(r.double().flatten(), g.double().flatten(), dim=0).item() for r, g in zip(ref, got)]
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    return {"cos_per_sequence": cos, "min_cos": min(cos), "top1": top1}
+
+
+def read_all(ckpt) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, fname in weight_map(ckpt).items():
+        with safe_open(f"{ckpt}/{fname}", "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """How many tensors of `b` are in `a` with the same dtype and bits; the first that is not."""
+    same = [n for n in b if n in a and a[n].dtype == b[n].dtype and torch.equal(a[n], b[n])]
+    bad = [n for n in b if n not in same] + sorted(set(a) - set(b))
+    return {"tensors": len(b), "identical": len(same), "first_difference": bad[0] if bad else None}

@@ -1,0 +1,176 @@
+"""GPU tier for import/export (issue 3): logit parity with transformers, bit-identical round trips, the ModelOpt
+importer evaluated, and (with two GPUs) EP2 / TP2 / PP2 through torchrun.
+
+Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, read_all, token_ids
+
+from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
+from gptoss_nemo.convert.hf_export import export_hf_bf16
+from gptoss_nemo.convert.hf_reader import HFReader
+from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
+from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.presets import tiny
+from gptoss_nemo.parallel.layout import ParallelLayout
+
+pytestmark = pytest.mark.gpu
+HERE = Path(__file__).parent
+COS, TOP1, SHARE = 0.9999, 0.99, 0.55
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("import")
+    mx = write_tiny_checkpoint(d / "tiny-mxfp4", tiny(), seed=1234, tokenizer=False)
+    bf = write_tiny_checkpoint(d / "tiny-bf16", tiny(), seed=1234, quantized=False, tokenizer=False)
+    return mx, bf, GptOssConfig.from_file(mx)
+
+
+def _loaded(cfg, src):
+    from gptoss_nemo.model.build import build_rank_model
+
+    model = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
+    load_rank_state(model, iter_rank_state(HFReader(src), ParallelLayout(), tp_rank=0, ep_rank=0, pp_rank=0))
+    return model
+
+
+def _result(name, value):
+    print(f"RESULT {name}: {json.dumps(value)}", flush=True)
+
+
+def test_parity_ep1(megatron_parallel, ckpts):
+    from gptoss_nemo.model.build import build_rank_model
+
+    mx, bf, cfg = ckpts
+    ids = token_ids(cfg.vocab_size)
+    model = _loaded(cfg, mx)
+    mc16 = megatron_logits(model, ids)
+    mc32 = megatron_logits(fp32_copy(model, lambda **kw: build_rank_model(
+        cfg, ParallelLayout(), use_te=False, parallel_output=False, **kw)), ids)
+    r = parity_report(bf, ids, mc16, mc32)
+    _result("parity EP1 (1 GPU, from MXFP4)", r)
+    assert not parity_failures(r, COS, TOP1), parity_failures(r, COS, TOP1)
+
+
+def test_export_equals_transformers_dequantization(megatron_parallel, ckpts, tmp_path):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    mx, bf, cfg = ckpts
+    export_hf_bf16(_loaded(cfg, mx), cfg, ParallelLayout(), tmp_path / "out")
+    ref = GptOssForCausalLM.from_pretrained(mx, dtype=torch.bfloat16,
+                                            quantization_config=Mxfp4Config(dequantize=True)).state_dict()
+    r = bit_identical(read_all(tmp_path / "out"), {k: v.contiguous() for k, v in ref.items()})
+    _result("MXFP4 -> megatron EP1 -> HF BF16 vs transformers' dequantized state dict", r)
+    assert r["identical"] == r["tensors"] and r["first_difference"] is None
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization_config") is None
+
+
+def test_modelopt_importer_evaluation(megatron_parallel, ckpts):
+    """ModelOpt's import_mcore_gpt_from_hf, run on the same checkpoints: the reasons we use our own loader."""
+    from modelopt.torch.export import import_mcore_gpt_from_hf
+
+    from gptoss_nemo.model.build import build_rank_model
+
+    mx, bf, cfg = ckpts
+    ours = dict(_loaded(cfg, mx).named_parameters())
+    theirs = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
+    import_mcore_gpt_from_hf(theirs, str(mx))
+    same = [n for n, p in theirs.named_parameters() if torch.equal(p, ours[n])]
+    differ = sorted(set(ours) - set(same))
+    _result("ModelOpt importer on MXFP4 vs ours", {"params": len(ours), "bit_identical": len(same),
+                                                   "differ_first": differ[:3]})
+    fresh = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
+    with pytest.raises(Exception) as err:  # BF16 gpt-oss checkpoints (our own exports, SFT outputs) are refused
+        import_mcore_gpt_from_hf(fresh, str(bf))
+    _result("ModelOpt importer on BF16", {"error": f"{type(err.value).__name__}: {str(err.value)[:200]}"})
+
+
+def _torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)  # a hang fails, not stalls
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def _imported(r: subprocess.CompletedProcess) -> dict:
+    return next(json.loads(line)["imported"] for line in r.stdout.splitlines() if line.startswith('{"imported"'))
+
+
+def test_import_and_export_commands_one_gpu(ckpts, tmp_path):
+    """`gptoss-nemo import` (dist checkpoint) then `gptoss-nemo export --format bf16`: bit-identical to the BF16
+    checkpoint of the same seed (= transformers' dequantization, test above)."""
+    mx, bf, _ = ckpts
+    summary = _imported(_torchrun(1, "-m", "gptoss_nemo", "import", str(mx), str(tmp_path / "ckpt"), "--local-spec",
+                                  port=29811))
+    _torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--local-spec",
+              port=29812)
+    r = bit_identical(read_all(tmp_path / "hf"), read_all(bf))
+    _result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
+    assert r["identical"] == r["tensors"]
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@pytest.fixture(scope="module")
+def ep2_import(ckpts, tmp_path_factory):
+    """`gptoss-nemo import --ep 2` on two GPUs: each rank reads half of the expert bytes."""
+    mx, _, _ = ckpts
+    out = tmp_path_factory.mktemp("ep2") / "ckpt-ep2"
+    summary = _imported(_torchrun(2, "-m", "gptoss_nemo", "import", str(mx), str(out), "--ep", "2", "--local-spec",
+                                  port=29821))
+    _result("import EP2 (2 GPUs) expert bytes", summary)
+    return out, summary
+
+
+def _worker(ckpts, tmp_path, port, *args):
+    out = tmp_path / f"r{port}.json"
+    _torchrun(2, str(HERE / "layout_worker.py"), "--reference", str(ckpts[1]), "--out", str(out), *args, port=port)
+    r = json.loads(out.read_text())
+    _result(f"{r['layout']} from {Path(r['source']).name}", r)
+    return r
+
+
+def _check_parity(r):
+    failures = parity_failures(r["parity"], COS, TOP1)
+    assert not failures, (r["layout"], failures)
+
+
+@two_gpus
+def test_ep2_import_parity_and_round_trips(ckpts, ep2_import, tmp_path):
+    mx, bf, _ = ckpts
+    assert ep2_import[1]["max_expert_share_per_rank"] <= SHARE
+    ep2 = _worker(ckpts, tmp_path, 29822, "--ep", "2", "--hf", str(mx), "--export", str(tmp_path / "from-mxfp4"))
+    ep2_bf = _worker(ckpts, tmp_path, 29823, "--ep", "2", "--hf", str(bf), "--export", str(tmp_path / "from-bf16"),
+                     "--no-parity")
+    _check_parity(ep2)
+    assert max(ep2["expert_bytes_share_per_rank"]) <= SHARE
+    for r in (ep2["export_vs_reference"], ep2_bf["export_vs_reference"]):  # MXFP4 -> BF16 = transformers' dequant
+        assert r["identical"] == r["tensors"] and r["first_difference"] is None, r
+
+
+@two_gpus
+def test_pp2_loads_the_ep2_checkpoint(ckpts, ep2_import, tmp_path):
+    _check_parity(_worker(ckpts, tmp_path, 29824, "--pp", "2", "--dist", str(ep2_import[0])))
+
+
+@two_gpus
+@pytest.mark.xfail(strict=True, reason="open bug (issue 3): under TP2 on megatron's local spec the logits disagree "
+                                       "with transformers even in FP32 (cos 0.954, top-1 40%), and the TP2 BF16 "
+                                       "export hangs; the CLI refuses tp>1 without Transformer Engine meanwhile")
+def test_tp2_loads_the_ep2_checkpoint(ckpts, ep2_import, tmp_path):
+    _check_parity(_worker(ckpts, tmp_path, 29825, "--tp", "2", "--dist", str(ep2_import[0])))
+    _torchrun(2, "-m", "gptoss_nemo", "export", str(ep2_import[0]), str(tmp_path / "tp2-export"), "--tp", "2",
+              "--local-spec", port=29826)
+    r = bit_identical(read_all(tmp_path / "tp2-export"), read_all(ckpts[1]))
+    assert r["identical"] == r["tensors"], r
