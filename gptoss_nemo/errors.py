@@ -11,3 +11,7 @@ class ConfigError(GptOssNemoError):
 
 class CheckpointError(GptOssNemoError):
     """A checkpoint that is missing, incomplete or not in the expected layout."""
+
+
+class DataError(GptOssNemoError):
+    """A dataset line or file that cannot be used for training."""

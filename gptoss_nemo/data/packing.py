@@ -1,0 +1,89 @@
+"""Fixed-length training sequences from tokenized conversations, packed or one per sequence.
+
+A sequence holds whole conversations ("documents") back to back, then padding. For position j:
+    tokens[j]      the input token
+    labels[j]      tokens[j + 1], the target
+    loss_mask[j]   1 when tokens[j + 1] is a loss token of the same document; never across a boundary
+    position_ids   restart at 0 in every document (RoPE sees each conversation from its start)
+    cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total]: Transformer Engine's packed-sequence
+                   attention (THD) keeps documents apart with them.
+Megatron's local attention path takes no document mask: there, tokens of a packed sequence attend to earlier
+documents of the same sequence (the loss still never crosses a boundary). Train with packing off when that matters.
+
+Packing is first-fit over the open sequences, in the (seeded, shuffled) order given: deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_OPEN = 64  # sequences still accepting documents; older ones are closed as they fall out
+
+
+@dataclass(slots=True)
+class Document:
+    ids: list[int]
+    loss: list[bool]
+
+
+@dataclass(slots=True)
+class Sequence:
+    tokens: torch.Tensor  # [S] int64
+    labels: torch.Tensor  # [S] int64
+    loss_mask: torch.Tensor  # [S] float32
+    position_ids: torch.Tensor  # [S] int64
+    cu_seqlens: torch.Tensor  # [docs + 1] int32
+
+
+def fit(doc: Document, seq_length: int, overlong: str) -> tuple[Document | None, str]:
+    """Apply the overlong rule: ("kept" | "truncated" | "dropped_overlong" | "dropped_no_loss")."""
+    if len(doc.ids) > seq_length:
+        if overlong == "drop":
+            return None, "dropped_overlong"
+        doc = Document(doc.ids[:seq_length], doc.loss[:seq_length])
+        state = "truncated"
+    else:
+        state = "kept"
+    if not any(doc.loss[1:]):  # the first token is never a target
+        return None, "dropped_no_loss"
+    return doc, state
+
+
+def pack(docs: list[Document], seq_length: int, pad_id: int, packing: bool = True) -> list[Sequence]:
+    """Documents (each at most seq_length long) -> sequences of exactly seq_length positions."""
+    bins: list[list[Document]] = []
+    space: list[int] = []
+    first_open = 0
+    for doc in docs:
+        n = len(doc.ids)
+        target = None
+        if packing:
+            target = next((b for b in range(first_open, len(bins)) if space[b] >= n), None)
+        if target is None:
+            bins.append([])
+            space.append(seq_length)
+            target = len(bins) - 1
+            first_open = max(first_open, len(bins) - MAX_OPEN)
+        bins[target].append(doc)
+        space[target] -= n
+    return [_sequence(b, seq_length, pad_id) for b in bins]
+
+
+def _sequence(docs: list[Document], seq_length: int, pad_id: int) -> Sequence:
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
+    labels = torch.full((seq_length,), pad_id, dtype=torch.int64)
+    loss = torch.zeros(seq_length, dtype=torch.float32)
+    pos = torch.zeros(seq_length, dtype=torch.int64)
+    bounds, at = [0], 0
+    for d in docs:
+        n = len(d.ids)
+        ids = torch.tensor(d.ids, dtype=torch.int64)
+        tokens[at:at + n] = ids
+        labels[at:at + n - 1] = ids[1:]
+        loss[at:at + n - 1] = torch.tensor(d.loss[1:], dtype=torch.float32)
+        pos[at:at + n] = torch.arange(n)
+        at += n
+        bounds.append(at)
+    return Sequence(tokens, labels, loss, pos, torch.tensor(bounds, dtype=torch.int32))
