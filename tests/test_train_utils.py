@@ -1,0 +1,75 @@
+"""Training bookkeeping on CPU: the FLOPs formula, expert-load summaries and warnings, checkpoint directories."""
+
+import pytest
+import torch
+
+from gptoss_nemo.checkpoint.writer import atomic_dir
+from gptoss_nemo.model.param_count import count_parameters
+from gptoss_nemo.model.presets import gpt_oss_20b, gpt_oss_120b, tiny
+from gptoss_nemo.train import checkpoint_dirs as ckd
+from gptoss_nemo.train.expert_load import summarize, warnings
+from gptoss_nemo.train.flops import forward_flops_per_token, mean_context, train_flops_per_token
+
+
+def test_mean_context():
+    assert mean_context(4, None) == 2.5  # (1 + 2 + 3 + 4) / 4
+    assert mean_context(4, 2) == (1 + 2 + 2 + 2) / 4
+    assert mean_context(4, 8) == 2.5
+
+
+@pytest.mark.parametrize("make", [tiny, gpt_oss_20b, gpt_oss_120b])
+def test_flops_are_twice_the_active_matmul_parameters_plus_attention(make):
+    cfg = make()
+    pc = count_parameters(cfg)
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    # active parameters minus what is not a matmul weight: biases, norms, sinks, the final norm
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    non_matmul = layers * ((q + 2 * kv + h) + cfg.num_attention_heads + cfg.num_local_experts + 2 * h
+                           + cfg.num_experts_per_tok * (2 * cfg.intermediate_size + h)) + h
+    matmul_active = pc.active - non_matmul
+    no_attention = forward_flops_per_token(cfg, seq_length=1) - 4 * cfg.num_attention_heads * cfg.head_dim * layers
+    assert no_attention == 2 * matmul_active
+    assert train_flops_per_token(cfg, 4096) == 3 * forward_flops_per_token(cfg, 4096)
+
+
+def test_20b_flops_order_of_magnitude():
+    # 3.6B active -> ~6 * 3.6e9 = 2.2e10 per training token, plus attention at 4k context
+    f = train_flops_per_token(gpt_oss_20b(), 4096)
+    assert 2.0e10 < f < 2.6e10
+
+
+def test_expert_load_summary_and_warnings():
+    tokens = torch.tensor([[10, 10, 10, 10], [40, 0, 0, 0], [25, 5, 5, 5]])
+    loads = summarize(tokens)
+    assert loads[0].max_over_mean == 1.0 and loads[0].unused == ()
+    assert loads[1].unused == (1, 2, 3) and loads[1].max_share == 1.0
+    assert loads[2].max_over_mean == 2.5 and loads[2].max_share == 0.625
+    assert warnings(loads, max_share=0.5) == [
+        "layer 1: experts [1, 2, 3] received no tokens",
+        "layer 1: one expert took 100.0% of the routed tokens (> train.expert_max_share=50%)",
+        "layer 2: one expert took 62.5% of the routed tokens (> train.expert_max_share=50%)",
+    ]
+
+
+def _save(root, step):
+    with atomic_dir(ckd.step_dir(root, step)) as tmp:
+        (tmp / "weights").write_text(str(step))
+
+
+def test_checkpoint_latest_keep_last_and_torn_writes(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert ckd.find_latest(root) is None
+    for step in (100, 200, 300):
+        _save(root, step)
+        ckd.mark_latest(root, step, keep_last=2)
+    assert ckd.complete_steps(root) == [200, 300] and ckd.find_latest(root) == 300
+    # a save that dies mid-write leaves no step directory, and the latest stays 300
+    with pytest.raises(RuntimeError):
+        with atomic_dir(ckd.step_dir(root, 400)) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert ckd.find_latest(root) == 300
+    # renamed but `latest` not yet updated (killed in between): the newest complete one wins
+    _save(root, 400)
+    assert (root / "latest").read_text().strip() == "step_0000300" and ckd.find_latest(root) == 400
+    assert ckd.mark_latest(root, 400, keep_last=2) == [200]
