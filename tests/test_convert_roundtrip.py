@@ -146,6 +146,14 @@ GATHER = textwrap.dedent("""
     dist.all_gather_object(coords, me)
     reader = HFReader(ckpt)
     local = dict(iter_rank_state(reader, layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp))
+    if sys.argv[6] == "consumer-fails":  # rank 0's writer dies after a few tensors: nobody may hang
+        try:
+            for k, _ in enumerate(gather_hf_tensors(local, reader.cfg, layout, me, coords)):
+                if rank == 0 and k == 5:
+                    raise OSError("No space left on device")
+        except Exception as e:
+            print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+            os._exit(3)  # skip gloo's teardown, which aborts once peers are gone
     got = dict(gather_hf_tensors(local, reader.cfg, layout, me, coords))
     if rank == 0:
         from safetensors.torch import save_file
@@ -156,16 +164,29 @@ GATHER = textwrap.dedent("""
 """)
 
 
+def _gather(tiny_bf16, out, port, mode="ok"):
+    world = 8
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", GATHER, str(r), str(world), str(tiny_bf16), str(out), port, mode],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    return procs, [p.communicate(timeout=300) for p in procs]
+
+
 def test_gather_over_gloo_with_replicas(tiny_bf16, tmp_path):
     """8 ranks = TP2 x EP2 x PP2 with a data-parallel replica of each: rank 0 rebuilds the checkpoint."""
-    out, world, port = tmp_path / "gathered.safetensors", 8, "29641"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", GATHER, str(r), str(world), str(tiny_bf16), str(out), port],
-                              env=env, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for e in errs)
+    out = tmp_path / "gathered.safetensors"
+    procs, outs = _gather(tiny_bf16, out, "29641")
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for _, e in outs)
     original = read_all(tiny_bf16)
     with safe_open(out, "pt") as f:
         assert sorted(f.keys()) == sorted(original)
         for name, t in original.items():
             assert torch.equal(f.get_tensor(name), t), name
+
+
+def test_a_failing_writer_on_rank_0_stops_every_rank(tiny_bf16, tmp_path):
+    procs, outs = _gather(tiny_bf16, tmp_path / "x.safetensors", "29642", mode="consumer-fails")
+    assert [p.returncode for p in procs] == [3] * 8, "\n".join(e[-800:] for _, e in outs)
+    assert "OSError: No space left on device" in outs[0][0]
+    assert all("export stopped: rank 0 stopped writing (its error is in rank 0's log)" in o for o, _ in outs[1:])

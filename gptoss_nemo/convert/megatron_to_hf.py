@@ -161,20 +161,61 @@ def gather_hf_tensors(
         got = [_fetch(me.rank, dense_src[(stage, t)], local, names, device) for t in range(layout.tp)]
         return got if me.rank == 0 else None
 
-    emb = GLOBAL_TABLE["model.embed_tokens.weight"]
-    pieces = dense_pieces(0, [emb])
-    if pieces is not None:
-        yield from embedding_to_hf(pieces).items()
-    for layer in range(cfg.num_hidden_layers):
+    def embedding():
+        pieces = dense_pieces(0, [GLOBAL_TABLE["model.embed_tokens.weight"]])
+        return (lambda: embedding_to_hf(pieces)) if me.rank == 0 else None
+
+    def layer_unit(layer: int):
         stage, n = divmod(layer, layers_per_stage)
         prefix = f"decoder.layers.{n}."
         dense = dense_pieces(stage, [prefix + s for s in dense_sfx])
         experts = [_fetch(me.rank, expert_src[(stage, e)], local, [prefix + s for s in expert_sfx], device)
                    for e in range(layout.ep)]
-        if me.rank == 0:
-            strip = [{k[len(prefix):]: v for k, v in d.items()} for d in dense]
-            yield from layer_to_hf(cfg, layer, strip, [{k[len(prefix):]: v for k, v in e.items()} for e in experts],
-                                   te).items()
-    pieces = dense_pieces(layout.pp - 1, [GLOBAL_TABLE["model.norm.weight"], GLOBAL_TABLE["lm_head.weight"]])
-    if pieces is not None:
-        yield from final_to_hf(pieces).items()
+        if me.rank != 0:
+            return None
+
+        def strip(pieces: Pieces) -> Pieces:
+            return [{k[len(prefix):]: v for k, v in d.items()} for d in pieces]
+
+        return lambda: layer_to_hf(cfg, layer, strip(dense), strip(experts), te)
+
+    def final():
+        pieces = dense_pieces(layout.pp - 1, [GLOBAL_TABLE["model.norm.weight"], GLOBAL_TABLE["lm_head.weight"]])
+        return (lambda: final_to_hf(pieces)) if me.rank == 0 else None
+
+    units = [embedding] + [lambda layer=layer: layer_unit(layer) for layer in range(cfg.num_hidden_layers)] + [final]
+    # Before each unit, and once at the end, rank 0 says whether to go on: a failure on rank 0 (a bad tensor, a
+    # full disk in the writer consuming this generator) stops every rank instead of leaving them blocked in send.
+    error: str | None = None
+    for unit in units:
+        _go(error)
+        convert = unit()
+        if convert is None:
+            continue
+        try:
+            tensors = convert()
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised here
+            error = f"{type(e).__name__}: {e}"
+            continue
+        try:
+            yield from tensors.items()
+        except GeneratorExit:  # the consumer on rank 0 (the writer) failed and dropped this generator
+            _verdict("rank 0 stopped writing (its error is in rank 0's log)")
+            raise
+    _go(error)
+
+
+def _verdict(error: str | None) -> str | None:
+    """Collective: rank 0's verdict so far, on every rank."""
+    import torch.distributed as dist
+
+    msg = [error]
+    dist.broadcast_object_list(msg, src=0)
+    return msg[0]
+
+
+def _go(error: str | None) -> None:
+    """Every rank raises the same error if rank 0 has one."""
+    verdict = _verdict(error)
+    if verdict is not None:
+        raise CheckpointError(f"export stopped: {verdict}")

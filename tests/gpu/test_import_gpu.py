@@ -97,7 +97,11 @@ def test_modelopt_importer_evaluation(megatron_parallel, ckpts):
 def _torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)  # a hang fails, not stalls
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)  # a hang fails, not stalls
+    except subprocess.TimeoutExpired as e:
+        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\n{text[0][-3000:]}\n{text[1][-6000:]}")
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
