@@ -48,6 +48,7 @@ class DataConfig:
             raise ConfigError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1)")
         if self.seq_length < 16:
             raise ConfigError(f"data.seq_length={self.seq_length} is too short")
+        self.render_options()  # checks loss_on and reasoning_effort
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(loss_on=self.loss_on, reasoning_effort=self.reasoning_effort,

@@ -1,0 +1,63 @@
+"""The SFT recipe: typed sections, filled from recipes/*.yaml by gptoss_nemo.recipe.load_recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gptoss_nemo.data.dataset import DataConfig
+from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.model.megatron_config import RouterConfig
+from gptoss_nemo.parallel.layout import ParallelLayout
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    """AdamW on FP32 main weights (megatron's distributed optimizer), cosine decay to min_lr after warmup."""
+
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} must be in (0, optimizer.lr={self.lr}]")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    seed: int = 1234
+    out_dir: str = "runs/sft"
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_last: int = 2
+    expert_max_share: float = 0.5  # warn when one expert takes more of a layer's routed tokens
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class SFTRecipe:
+    checkpoint: str  # a gptoss-nemo checkpoint (gptoss-nemo import) to start from
+    data: DataConfig
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
