@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from gptoss_nemo.errors import ConfigError
-from gptoss_nemo.recipe import load_recipe
-from gptoss_nemo.train.config import SFTRecipe
+from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.sft import SFTRecipe
 
 TINY = Path(__file__).parent.parent / "recipes" / "sft_tiny.yaml"
 

@@ -1,4 +1,4 @@
-"""The SFT recipe: typed sections, filled from recipes/*.yaml by gptoss_nemo.recipe.load_recipe."""
+"""The SFT recipe: typed sections, filled from recipes/*.yaml by gptoss_nemo.config.load.load_recipe."""
 
 from __future__ import annotations
 
