@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pytest
 
 from gptoss_nemo.cli import main
 

@@ -1,7 +1,6 @@
 """HF -> per-rank megatron state -> HF on CPU, for several layouts: names, shard shapes, bit-identical round trips,
 and the distributed gather over a gloo world with data-parallel replicas."""
 
-import json
 import os
 import subprocess
 import sys

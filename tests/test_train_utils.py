@@ -101,3 +101,24 @@ def test_global_batches_split_over_data_parallel_ranks_and_resume():
     with pytest.raises(ConfigError, match="global_batch_size=6 is not a multiple of train.micro_batch_size=2 x "
                                           "data-parallel size 2"):
         GlobalBatches(seqs, 6, 2, 0, 2, seed=7)
+
+
+def test_metrics_log_and_plots(tmp_path):
+    from PIL import Image
+
+    from gptoss_nemo.train.metrics_log import MetricsLog, read_metrics
+    from gptoss_nemo.train.plots import plot_expert_load, plot_losses
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        log.log(step, {"lm_loss": 3.0 / step, "aux_loss": 1.0 + 0.01 * step, "grad_norm": float("nan"),
+                       "update_ok": True, **({"val_loss": 2.0} if step == 5 else {})})
+    log.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["val_loss"] == 2.0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    curves = plot_losses(rows, tmp_path / "loss.png")
+    heat = plot_expert_load(torch.tensor([[10, 0, 5, 5], [1, 1, 1, 17]]), tmp_path / "experts.png")
+    for png in (curves, heat):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] >= 400

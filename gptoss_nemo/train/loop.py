@@ -201,7 +201,6 @@ def load_training(root, step: int, model, optimizer, scheduler) -> None:
 
 def run_sft(recipe: SFTRecipe) -> dict:
     """Pre-flight on the CPU (recipe, checkpoint, layout, data), then train; returns the last metrics on rank 0."""
-    import json
     import logging
     from pathlib import Path
 
@@ -216,6 +215,8 @@ def run_sft(recipe: SFTRecipe) -> dict:
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD
     from gptoss_nemo.train import checkpoint_dirs
     from gptoss_nemo.train.expert_load import summarize, warnings
+    from gptoss_nemo.train.metrics_log import MetricsLog, read_metrics
+    from gptoss_nemo.train.plots import plot_expert_load, plot_losses
 
     log = logging.getLogger("gptoss_nemo.sft")
     t = recipe.train
@@ -240,10 +241,10 @@ def run_sft(recipe: SFTRecipe) -> dict:
     start = checkpoint_dirs.find_latest(root) or 0
     if start:
         load_training(root, start, model, optimizer, scheduler)
-    metrics_file = Path(t.out_dir) / "metrics.jsonl"
+    metrics = MetricsLog(t.out_dir, t.tensorboard, t.wandb_project) if me.rank == 0 else None
     if me.rank == 0:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("data: %s", {"lines": stats.lines, "bad": stats.bad, **stats.outcomes, "tokens": stats.tokens})
+    load_total = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts)
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     row: dict = {}
@@ -256,16 +257,23 @@ def run_sft(recipe: SFTRecipe) -> dict:
         row["aux_loss"] = float(sum(aux.values())) if aux else None
         row.update(throughput(cfg, recipe.data.seq_length, t.global_batch_size, row["seconds"], world))
         if (step + 1) % t.log_every == 0:
-            loads = summarize(load.take())
+            counts = load.take()
+            load_total += counts
+            loads = summarize(counts)
             row["expert_max_over_mean"] = [round(x.max_over_mean, 3) for x in loads]
             for line in warnings(loads, t.expert_max_share):
                 log.warning("step %d: %s", step + 1, line)
         if t.eval_every and (step + 1) % t.eval_every == 0:
             row["val_loss"] = evaluate(model, valid, t.eval_batches, recipe.data.seq_length)
-        if me.rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        if metrics is not None:
+            metrics.log(row.pop("step"), row)
+            row["step"] = step + 1
         if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
             save_training(root, step + 1, model, optimizer, scheduler, t.keep_last)
+    if metrics is not None:
+        metrics.close()
+        plot_losses(read_metrics(metrics.jsonl), Path(t.out_dir) / "loss.png")
+        plot_expert_load(load_total, Path(t.out_dir) / "expert_load.png")
+        torch.save(load_total, Path(t.out_dir) / "expert_load.pt")
     dist.barrier()
     return row

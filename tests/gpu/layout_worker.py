@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from parity import bit_identical, fp32_copy, megatron_logits, parity_report, read_all, token_ids
