@@ -60,6 +60,34 @@ def _distributed(run, src: str, dst: str, args: argparse.Namespace):
         shutdown()
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from gptoss_nemo.config.load import load_recipe
+    from gptoss_nemo.config.sft import SFTRecipe
+    from gptoss_nemo.plan.memory import GIB, estimate
+
+    recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+    if args.model:
+        from gptoss_nemo.model.presets import preset
+
+        cfg = preset(args.model)
+    else:
+        from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
+
+        cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
+    te = not args.local_spec
+    recipe.parallel.validate(cfg, args.world_size, te=te)
+    mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
+                          recipe.train.micro_batch_size, te=te)
+    fits = mem.total <= args.gpu_memory_gib * GIB
+    print(json.dumps({"layout": {"tp": recipe.parallel.tp, "ep": recipe.parallel.ep, "pp": recipe.parallel.pp,
+                                 "world_size": args.world_size}, "busiest_stage": stage, "per_gpu_gib": mem.gib(),
+                      "gpu_memory_gib": args.gpu_memory_gib, "fits": fits}))
+    if not fits:
+        print(f"gptoss-nemo plan: warning: the estimate ({mem.total / GIB:.1f} GiB) exceeds {args.gpu_memory_gib} GiB "
+              "per GPU; raise ep/pp, lower data.seq_length or train.micro_batch_size", file=sys.stderr)
+    return 0
+
+
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -99,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _parallel_args(p)
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("plan", help="per-GPU memory estimate of a recipe's layout, before any GPU time")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--world-size", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--model", help="a preset (gpt-oss-20b, gpt-oss-120b, tiny) instead of the recipe's checkpoint")
+    p.add_argument("--local-spec", action="store_true", help="plan for megatron's local spec instead of TE")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
     p.add_argument("ckpt")

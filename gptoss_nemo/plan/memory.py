@@ -1,0 +1,101 @@
+"""Per-GPU memory estimate for BF16 training of gpt-oss under a TP x EP x PP layout (ETP = 1).
+
+Parameters a rank holds (the busiest pipeline stage): its layers' attention split over TP (o_proj bias, norms and
+router replicated), its EP share of the experts (whole experts: ETP = 1), the embedding rows (first stage) and the
+output rows + final norm (last stage), each vocabulary matrix split over TP.
+
+Bytes per held parameter: 2 (BF16 weight) + 4 (FP32 gradient buffer, grad_reduce_in_fp32) + 12 (FP32 main weight,
+Adam m and v) divided over the data-parallel group that replicates it (the distributed optimizer): world/(TP*PP)
+for dense parameters, world/(EP*PP) for experts.
+
+Activations kept for backward, per micro-batch and layer, BF16, no recomputation, T = seq_length x micro_batch
+tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
+    attention  norm out + QKV out + attention out + o_proj in + residual:  2T(H + (Q + 2K)/TP + 2Q/TP + H)
+               + scores and probabilities with the local (unfused) attention: 2 * 2 * b * heads/TP * s^2
+    MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
+               2TH + 4TE + 2kT(H + 2I + I + H + H)
+Output logits (FP32, last stage): 4 T V / TP. A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
+This is a planning estimate; tests/gpu checks it against measured peak memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.parallel.layout import ParallelLayout
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class RankParams:
+    dense: int
+    expert: int
+
+
+def rank_params(cfg: GptOssConfig, layout: ParallelLayout, stage: int) -> RankParams:
+    h, d, i, tp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, layout.tp
+    q, kv, heads = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_attention_heads
+    attention = ((h + 1) * (q + 2 * kv) + q * h + heads) // tp + h  # qkv w+b, o_proj w, sinks split; o_proj bias
+    layer_dense = attention + cfg.num_local_experts * (h + 1) + 2 * h  # + router w+b, two norms
+    per_expert = (h * 2 * i + 2 * i) + (i * h + h)
+    layers = cfg.num_hidden_layers // layout.pp
+    dense = layers * layer_dense
+    if stage == 0:
+        dense += cfg.vocab_size * h // tp
+    if stage == layout.pp - 1:
+        dense += cfg.vocab_size * h // tp + h
+    expert = layers * (cfg.num_local_experts // layout.ep) * per_expert
+    return RankParams(dense=dense, expert=expert)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 2) for k, v in {**asdict(self), "total": self.total}.items()}
+
+
+def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_length: int, micro_batch: int,
+                     te: bool) -> float:
+    h, d, i, tp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, layout.tp
+    q, kv, k = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_experts_per_tok
+    t = seq_length * micro_batch
+    sp = tp if (te and tp > 1) else 1
+    attention = 2 * t * (h / sp + (q + 2 * kv) / tp + 2 * q / tp + h / sp)
+    if not te:
+        attention += 2 * 2 * micro_batch * (cfg.num_attention_heads / tp) * seq_length**2
+    moe = 2 * t * h / sp + 4 * t * cfg.num_local_experts + 2 * k * t * (h + 2 * i + i + h + h)
+    per_micro = (cfg.num_hidden_layers // layout.pp) * (attention + moe)
+    if stage == layout.pp - 1:
+        per_micro += 4 * t * cfg.vocab_size / tp
+    in_flight = layout.pp - stage  # 1F1B: the first stage holds PP micro-batches
+    return per_micro * in_flight
+
+
+def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
+             te: bool = True) -> tuple[MemoryEstimate, int]:
+    """(the busiest stage's per-GPU estimate, that stage); layout validity is the caller's check."""
+    dp, edp = world_size // (layout.tp * layout.pp), world_size // (layout.ep * layout.pp)
+    best = None
+    for stage in range(layout.pp):
+        p = rank_params(cfg, layout, stage)
+        held = p.dense + p.expert
+        m = MemoryEstimate(
+            weights=2 * held,
+            gradients=4 * held,
+            optimizer=12 * (p.dense / dp + p.expert / edp),
+            activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te),
+        )
+        if best is None or m.total > best[0].total:
+            best = (m, stage)
+    return best
