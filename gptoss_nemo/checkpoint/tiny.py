@@ -76,7 +76,7 @@ def write_tiny_checkpoint(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_shards(_random_tensors(cfg, seed, quantized), tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        cfg.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
         if tokenizer:
             save_tokenizer(tmp, model_max_length=cfg.max_position_embeddings)

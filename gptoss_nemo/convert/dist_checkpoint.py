@@ -55,8 +55,7 @@ def save_dist_checkpoint(
             meta = {"format": FORMAT, "gptoss_nemo": __version__, "source": source, "saved_with": asdict(layout)}
             (tmp[0] / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             (tmp[0] / HF_SUBDIR).mkdir()
-            hf_cfg = cfg.replace(quantized=False).to_dict()
-            (tmp[0] / HF_SUBDIR / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+            cfg.replace(quantized=False).save(tmp[0] / HF_SUBDIR)
             if side_files_from is not None:
                 copy_side_files(side_files_from, tmp[0] / HF_SUBDIR)
     dist.barrier()  # the rename on rank 0 is done before anyone reads OUT

@@ -6,7 +6,6 @@ complete (config.json without quantization_config, the side files of the source 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ def export_hf_bf16(
     if me.rank == 0:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             write_shards(tensors, tmp, max_shard_bytes)
-            (tmp / "config.json").write_text(json.dumps(cfg.replace(quantized=False).to_dict(), indent=2) + "\n")
+            cfg.replace(quantized=False).save(tmp)
             if side_files_from is not None:
                 copy_side_files(side_files_from, tmp)
             check_checkpoint(tmp)

@@ -16,12 +16,15 @@ from safetensors import safe_open
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import check_tensors, layer_prefix, read_specs, weight_map
+from gptoss_nemo.errors import CheckpointError
 from gptoss_nemo.model.hf_config import GptOssConfig
 
 
 class HFReader:
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such checkpoint directory")
         self.cfg = GptOssConfig.from_file(self.dir)
         self._specs = read_specs(self.dir)  # headers only; the same check as hf_layout.check_checkpoint
         check_tensors(self.cfg, self._specs, where=str(self.dir))

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptoss_nemo.checkpoint.hf_layout import check_checkpoint
 from gptoss_nemo.checkpoint.writer import check_target
 from gptoss_nemo.convert.dist_checkpoint import save_dist_checkpoint
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
-from gptoss_nemo.errors import CheckpointError
 from gptoss_nemo.model.build import resolve_use_te
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import env_world_size
@@ -25,9 +23,8 @@ def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, 
                use_te: bool | None = None) -> dict:
     """Returns (on every rank) a summary with the expert bytes each rank read."""
     hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir}: no such checkpoint directory")
-    cfg = check_checkpoint(hf_dir)
+    reader = HFReader(hf_dir)  # validates config and every tensor header; reads no tensor data yet
+    cfg = reader.cfg
     layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te))
     check_target(out_dir, overwrite)
 
@@ -38,7 +35,6 @@ def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, 
 
     me = init_distributed(layout)
     model = build_rank_model(cfg, layout, use_te=use_te)
-    reader = HFReader(hf_dir)
     state = iter_rank_state(reader, layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp,
                             te=bool(model.config.moe_grouped_gemm))
     load_rank_state(model, state, where=f"import {hf_dir}")

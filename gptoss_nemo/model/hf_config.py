@@ -196,6 +196,12 @@ class GptOssConfig:
             }
         return dict(sorted(out.items()))
 
+    def save(self, directory: str | Path) -> Path:
+        """Write config.json (the openai/gpt-oss layout) into `directory`."""
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
     def replace(self, **changes: Any) -> GptOssConfig:
         if "num_hidden_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = []
