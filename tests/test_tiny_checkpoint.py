@@ -71,6 +71,29 @@ def test_refuses_existing_output(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
 
 
+COLLECTIVE = """
+import sys, torch.distributed as dist
+from gptoss_nemo.checkpoint.writer import collective_atomic_dir
+rank, target = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=3, init_method="tcp://127.0.0.1:29651")
+with collective_atomic_dir(target) as tmp:
+    (tmp / f"rank{rank}").write_text(str(rank))
+    assert not (tmp.parent / "out").exists()  # nothing at the target while any rank is writing
+assert sorted(p.name for p in (tmp.parent / "out").iterdir()) == ["rank0", "rank1", "rank2"]
+"""
+
+
+def test_collective_atomic_dir_appears_once_every_rank_wrote(tmp_path):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVE, str(r), str(tmp_path / "out")],
+                              stderr=subprocess.PIPE, text=True) for r in range(3)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-1000:] for e in errs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory left behind
+
+
 def test_rejects_bad_dimensions(capsys):
     assert main(["make-tiny", "/tmp/never", "--hidden", "100"]) == 2
     assert "hidden_size=100 is not a multiple of 32" in capsys.readouterr().err

@@ -48,6 +48,21 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def collective_atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_dir` for every rank of a job: rank 0 owns the temporary directory and the rename, every rank gets
+    its path; all ranks have finished writing before the rename, and `target` exists for all once it returns."""
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        tmp = [stack.enter_context(atomic_dir(target, overwrite=overwrite)) if rank0 else None]
+        dist.broadcast_object_list(tmp, src=0)
+        yield Path(tmp[0])
+        dist.barrier()
+    dist.barrier()
+
+
 def _apply_umask(root: Path) -> None:
     """mkdtemp and safetensors create owner-only files; give the output the permissions the umask asks for."""
     umask = os.umask(0)

@@ -11,7 +11,6 @@ directory that looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from gptoss_nemo import __version__
 from gptoss_nemo.checkpoint.hf_layout import copy_side_files
-from gptoss_nemo.checkpoint.writer import atomic_dir
+from gptoss_nemo.checkpoint.writer import collective_atomic_dir
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.errors import CheckpointError
 from gptoss_nemo.model.hf_config import GptOssConfig
@@ -45,20 +44,15 @@ def save_dist_checkpoint(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    rank0 = dist.get_rank() == 0
-    with contextlib.ExitStack() as stack:
-        tmp = [stack.enter_context(atomic_dir(out_dir, overwrite=overwrite)) if rank0 else None]
-        dist.broadcast_object_list(tmp, src=0)
-        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp[0]))
-        dist.barrier()
-        if rank0:
+    with collective_atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
+        if dist.get_rank() == 0:
             meta = {"format": FORMAT, "gptoss_nemo": __version__, "source": source, "saved_with": asdict(layout)}
-            (tmp[0] / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp[0] / HF_SUBDIR).mkdir()
-            cfg.replace(quantized=False).save(tmp[0] / HF_SUBDIR)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / HF_SUBDIR).mkdir()
+            cfg.replace(quantized=False).save(tmp / HF_SUBDIR)
             if side_files_from is not None:
-                copy_side_files(side_files_from, tmp[0] / HF_SUBDIR)
-    dist.barrier()  # the rename on rank 0 is done before anyone reads OUT
+                copy_side_files(side_files_from, tmp / HF_SUBDIR)
     return Path(out_dir)
 
 

@@ -148,29 +148,22 @@ class ExpertLoad:
 def save_training(root, step: int, model, optimizer, scheduler, keep_last: int) -> None:
     """Collective. Model, optimizer (distributed shards), scheduler and step in one megatron dist checkpoint;
     per-rank RNG states beside it. Complete only once renamed (checkpoint_dirs)."""
-    import contextlib
-    from pathlib import Path
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    from gptoss_nemo.checkpoint.writer import atomic_dir
+    from gptoss_nemo.checkpoint.writer import collective_atomic_dir
     from gptoss_nemo.train import checkpoint_dirs
 
-    rank0 = dist.get_rank() == 0
-    with contextlib.ExitStack() as stack:
-        tmp = [stack.enter_context(atomic_dir(checkpoint_dirs.step_dir(root, step))) if rank0 else None]
-        dist.broadcast_object_list(tmp, src=0)
+    with collective_atomic_dir(checkpoint_dirs.step_dir(root, step)) as tmp:
         model_sd = model.sharded_state_dict()
         state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
                  "scheduler": scheduler.state_dict(), "step": step}
-        dist_checkpointing.save(state, str(tmp[0]))
+        dist_checkpointing.save(state, str(tmp))
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(),
                "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-        (Path(tmp[0]) / "rng").mkdir(exist_ok=True)
-        torch.save(rng, Path(tmp[0]) / "rng" / f"rank_{dist.get_rank():05d}.pt")
-        dist.barrier()
-    if rank0:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng, tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    if dist.get_rank() == 0:
         checkpoint_dirs.mark_latest(root, step, keep_last)
     dist.barrier()
 
