@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptoss_nemo.checkpoint.hf_layout import weight_map
+from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
 from gptoss_nemo.convert.mapping import megatron_param_names
@@ -20,14 +20,6 @@ from gptoss_nemo.parallel.layout import ParallelLayout
 
 LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(ep=4), ParallelLayout(pp=4),
            ParallelLayout(tp=2, ep=2, pp=2)]
-
-
-def read_all(ckpt) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, fname in weight_map(ckpt).items():
-        with safe_open(ckpt / fname, "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 def rank_states(ckpt, layout, te=False):
@@ -81,7 +73,7 @@ def test_rank_state_names_and_shapes(tiny_mxfp4, layout, te):
 def test_round_trip_is_bit_identical(tiny_bf16, tiny_mxfp4, layout):
     """BF16 -> megatron shards -> BF16 returns every tensor bit for bit; MXFP4 -> ... -> BF16 equals the
     BF16 checkpoint of the same seed (= transformers' dequantization, tests/test_tiny_checkpoint.py)."""
-    original = read_all(tiny_bf16)
+    original = read_tensors(tiny_bf16)
     cfg = HFReader(tiny_bf16).cfg
     for src in (tiny_bf16, tiny_mxfp4):
         back = assemble(cfg, layout, rank_states(src, layout))
@@ -177,7 +169,7 @@ def test_gather_over_gloo_with_replicas(tiny_bf16, tmp_path):
     out = tmp_path / "gathered.safetensors"
     procs, outs = _gather(tiny_bf16, out, "29641")
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for _, e in outs)
-    original = read_all(tiny_bf16)
+    original = read_tensors(tiny_bf16)
     with safe_open(out, "pt") as f:
         assert sorted(f.keys()) == sorted(original)
         for name, t in original.items():

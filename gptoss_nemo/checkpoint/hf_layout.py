@@ -106,6 +106,18 @@ def weight_map(ckpt_dir: str | Path) -> dict[str, str]:
         return {name: files[0].name for name in f.keys()}
 
 
+def read_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, on the CPU, in the index's order (for tests and small checkpoints)."""
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir)
+    names = weight_map(d)
+    loaded: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(names.values())):
+        loaded.update(load_file(d / fname))
+    return {name: loaded[name] for name in names}
+
+
 def read_specs(ckpt_dir: str | Path) -> dict[str, Spec]:
     """Shape and dtype of every tensor, from the safetensors headers (no tensor data is read)."""
     from safetensors import safe_open

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parity import bit_identical, fp32_copy, megatron_logits, parity_report, read_all, token_ids
+from parity import bit_identical, fp32_copy, megatron_logits, parity_report, token_ids
 
+from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
 from gptoss_nemo.convert.hf_export import export_hf_bf16
 from gptoss_nemo.convert.hf_reader import HFReader
@@ -60,7 +61,7 @@ if not args.no_parity:
 if args.export:
     export_hf_bf16(model, cfg, layout, args.export)
     if me.rank == 0:
-        result["export_vs_reference"] = bit_identical(read_all(args.export), read_all(args.reference))
+        result["export_vs_reference"] = bit_identical(read_tensors(args.export), read_tensors(args.reference))
 
 if me.rank == 0:
     Path(args.out).write_text(json.dumps(result, indent=2))

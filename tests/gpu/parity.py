@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-
-from gptoss_nemo.checkpoint.hf_layout import weight_map
 
 SEQ, BATCH = 512, 4
 
@@ -93,14 +90,6 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
     cos = [F.cosine_similarity(r.double().flatten(), g.double().flatten(), dim=0).item() for r, g in zip(ref, got)]
     top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     return {"cos_per_sequence": cos, "min_cos": min(cos), "top1": top1}
-
-
-def read_all(ckpt) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, fname in weight_map(ckpt).items():
-        with safe_open(f"{ckpt}/{fname}", "pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 def bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, read_all, token_ids
+from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, token_ids
 
+from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
 from gptoss_nemo.convert.hf_export import export_hf_bf16
 from gptoss_nemo.convert.hf_reader import HFReader
@@ -68,7 +69,7 @@ def test_export_equals_transformers_dequantization(megatron_parallel, ckpts, tmp
     export_hf_bf16(_loaded(cfg, mx), cfg, ParallelLayout(), tmp_path / "out")
     ref = GptOssForCausalLM.from_pretrained(mx, dtype=torch.bfloat16,
                                             quantization_config=Mxfp4Config(dequantize=True)).state_dict()
-    r = bit_identical(read_all(tmp_path / "out"), {k: v.contiguous() for k, v in ref.items()})
+    r = bit_identical(read_tensors(tmp_path / "out"), {k: v.contiguous() for k, v in ref.items()})
     _result("MXFP4 -> megatron EP1 -> HF BF16 vs transformers' dequantized state dict", r)
     assert r["identical"] == r["tensors"] and r["first_difference"] is None
     assert json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization_config") is None
@@ -118,7 +119,7 @@ def test_import_and_export_commands_one_gpu(ckpts, tmp_path):
                                   port=29811))
     _torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--local-spec",
               port=29812)
-    r = bit_identical(read_all(tmp_path / "hf"), read_all(bf))
+    r = bit_identical(read_tensors(tmp_path / "hf"), read_tensors(bf))
     _result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
     assert r["identical"] == r["tensors"]
 
@@ -176,5 +177,5 @@ def test_tp2_loads_the_ep2_checkpoint(ckpts, ep2_import, tmp_path):
     _check_parity(_worker(ckpts, tmp_path, 29825, "--tp", "2", "--dist", str(ep2_import[0])))
     _torchrun(2, "-m", "gptoss_nemo", "export", str(ep2_import[0]), str(tmp_path / "tp2-export"), "--tp", "2",
               "--local-spec", port=29826)
-    r = bit_identical(read_all(tmp_path / "tp2-export"), read_all(ckpts[1]))
+    r = bit_identical(read_tensors(tmp_path / "tp2-export"), read_tensors(ckpts[1]))
     assert r["identical"] == r["tensors"], r
