@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.param_count import count_parameters
 from gptoss_nemo.parallel.layout import ParallelLayout
 
 GIB = 1024**3
@@ -35,18 +36,16 @@ class RankParams:
 
 
 def rank_params(cfg: GptOssConfig, layout: ParallelLayout, stage: int) -> RankParams:
-    h, d, i, tp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, layout.tp
-    q, kv, heads = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_attention_heads
-    attention = ((h + 1) * (q + 2 * kv) + q * h + heads) // tp + h  # qkv w+b, o_proj w, sinks split; o_proj bias
+    h, tp, pc = cfg.hidden_size, layout.tp, count_parameters(cfg)
+    attention = (pc.attention_per_layer - h) // tp + h  # all split over TP but the o_proj bias
     layer_dense = attention + cfg.num_local_experts * (h + 1) + 2 * h  # + router w+b, two norms
-    per_expert = (h * 2 * i + 2 * i) + (i * h + h)
     layers = cfg.num_hidden_layers // layout.pp
     dense = layers * layer_dense
     if stage == 0:
         dense += cfg.vocab_size * h // tp
     if stage == layout.pp - 1:
         dense += cfg.vocab_size * h // tp + h
-    expert = layers * (cfg.num_local_experts // layout.ep) * per_expert
+    expert = layers * (cfg.num_local_experts // layout.ep) * pc.per_expert
     return RankParams(dense=dense, expert=expert)
 
 
