@@ -63,26 +63,41 @@ def build_training(recipe: SFTRecipe, model):
     return model, optimizer, scheduler
 
 
-def train_step(model, optimizer, scheduler, batches: GlobalBatches, step: int, seq_length: int) -> dict:
-    import torch.distributed as dist
+def _loss_sums(model, batches: GlobalBatches, step: int, seq_length: int, forward_only: bool) -> torch.Tensor:
+    """Run global batch `step` (forward and backward unless forward_only); returns this rank's
+    [sum of masked token losses, loss tokens] (zeros off the last pipeline stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    start = time.perf_counter()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
         num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
-        decoder_seq_length=seq_length, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+        decoder_seq_length=seq_length, forward_only=forward_only)
     totals = torch.zeros(2, device="cuda")
     if ps.is_pipeline_last_stage():
         for r in reports:
             totals += r["lm loss"]
-    dist.all_reduce(totals)  # over every rank: DP replicas add up, other stages add zeros
-    return {"lm_loss": (totals[0] / totals[1].clamp(min=1)).item(), "loss_tokens": int(totals[1].item()),
+    return totals
+
+
+def _mean_loss(totals: torch.Tensor) -> torch.Tensor:
+    """Sum over every rank (DP replicas add up, other stages add zeros), then the per-token mean."""
+    import torch.distributed as dist
+
+    dist.all_reduce(totals)
+    return totals[0] / totals[1].clamp(min=1)
+
+
+def train_step(model, optimizer, scheduler, batches: GlobalBatches, step: int, seq_length: int) -> dict:
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    start = time.perf_counter()
+    totals = _loss_sums(model, batches, step, seq_length, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    lm_loss = _mean_loss(totals).item()  # all-reduces totals in place
+    loss_tokens = int(totals[1].item())
+    return {"lm_loss": lm_loss, "loss_tokens": loss_tokens,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(ok),
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
 
@@ -95,24 +110,13 @@ def throughput(cfg, seq_length: int, global_batch_size: int, seconds: float, wor
 
 def evaluate(model, batches: GlobalBatches, num_batches: int, seq_length: int) -> float:
     """Mean LM loss over the first `num_batches` global batches of the validation set (no grad)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     model.eval()
     totals = torch.zeros(2, device="cuda")
     with torch.no_grad():
         for step in range(num_batches):
-            reports = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
-                num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
-                decoder_seq_length=seq_length, forward_only=True)
-            if ps.is_pipeline_last_stage():
-                for r in reports:
-                    totals += r["lm loss"]
-    dist.all_reduce(totals)
+            totals += _loss_sums(model, batches, step, seq_length, forward_only=True)
     model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    return _mean_loss(totals).item()
 
 
 class ExpertLoad:
