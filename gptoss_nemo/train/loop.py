@@ -65,7 +65,7 @@ def build_training(recipe: SFTRecipe, model):
 
 def _loss_sums(model, batches: GlobalBatches, step: int, seq_length: int, forward_only: bool) -> torch.Tensor:
     """Run global batch `step` (forward and backward unless forward_only); returns this rank's
-    [sum of masked token losses, loss tokens] (zeros off the last pipeline stage)."""
+    [sum of masked token losses, loss tokens] (zeros off the last stage and on TP ranks > 0, which hold copies)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -74,7 +74,7 @@ def _loss_sums(model, batches: GlobalBatches, step: int, seq_length: int, forwar
         num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
         decoder_seq_length=seq_length, forward_only=forward_only)
     totals = torch.zeros(2, device="cuda")
-    if ps.is_pipeline_last_stage():
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for r in reports:
             totals += r["lm loss"]
     return totals
