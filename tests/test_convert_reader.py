@@ -25,9 +25,10 @@ def test_layouts_that_do_not_divide(layout, world, message):
         layout.validate(tiny(), world)
 
 
-def test_local_spec_refuses_tensor_parallel():
+def test_local_spec_refuses_tensor_parallel_training_only():
     ParallelLayout(tp=2).validate(tiny(), 2, te=True)
-    with pytest.raises(ConfigError, match="tp>1 needs Transformer Engine"):
+    ParallelLayout(tp=2, ep=2).validate(tiny(), 4, te=False, training=False)  # import / export / evaluation
+    with pytest.raises(ConfigError, match="training with tp>1 needs Transformer Engine"):
         ParallelLayout(tp=2).validate(tiny(), 2, te=False)
 
 

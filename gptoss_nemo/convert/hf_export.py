@@ -60,7 +60,7 @@ def run_export_bf16(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelL
     from gptoss_nemo.parallel.setup import env_world_size, init_distributed
 
     cfg, _meta = read_dist_checkpoint_config(ckpt_dir)
-    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te))
+    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
     check_target(out_dir, overwrite)
     init_distributed(layout)
     model = build_rank_model(cfg, layout, use_te=use_te)

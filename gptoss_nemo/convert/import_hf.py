@@ -25,7 +25,7 @@ def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, 
     hf_dir = Path(hf_dir)
     reader = HFReader(hf_dir)  # validates config and every tensor header; reads no tensor data yet
     cfg = reader.cfg
-    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te))
+    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
     check_target(out_dir, overwrite)
 
     import torch.distributed as dist

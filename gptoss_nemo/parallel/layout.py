@@ -30,8 +30,9 @@ class ParallelLayout:
     ep: int = 1
     pp: int = 1
 
-    def validate(self, cfg: GptOssConfig, world_size: int, te: bool = True) -> None:
-        """Raise ConfigError naming the first dimension that does not divide (or that the spec cannot run)."""
+    def validate(self, cfg: GptOssConfig, world_size: int, te: bool = True, training: bool = True) -> None:
+        """Raise ConfigError naming the first dimension that does not divide (or that the spec cannot run).
+        training=False (import, export, evaluation) allows tp>1 on megatron's local spec."""
         for name, value in (("tp", self.tp), ("ep", self.ep), ("pp", self.pp)):
             if value < 1:
                 raise ConfigError(f"parallelism.{name}={value} must be >= 1")
@@ -45,12 +46,11 @@ class ParallelLayout:
             ((world_size // self.pp) % self.ep,
              f"world size {world_size} / pp={self.pp} is not divisible by ep={self.ep}"),
         ]
-        if not te and self.tp > 1:
-            # megatron-core refuses MoE + TP without sequence parallelism (at config time with EP, in training
-            # always), the local spec's torch norms refuse sequence parallelism, and in evaluation TP2 on the local
-            # spec disagrees with transformers (tests/gpu/RESULTS.md, issue 3): refuse rather than be wrong.
-            checks.append((True, "tp>1 needs Transformer Engine (the NeMo container); megatron's local spec cannot "
-                                 "run gpt-oss MoE layers tensor-parallel: use tp=1 with ep/pp instead"))
+        if training and not te and self.tp > 1:
+            # megatron's MoE layer refuses tensor parallelism without sequence parallelism in training, and the
+            # local spec's torch norms refuse sequence parallelism. Import, export and evaluation are fine.
+            checks.append((True, "training with tp>1 needs Transformer Engine (the NeMo container): megatron's "
+                                 "local spec cannot run MoE layers tensor-parallel in training; use tp=1 with ep/pp"))
         for bad, message in checks:
             if bad:
                 raise ConfigError(f"parallel layout tp={self.tp} ep={self.ep} pp={self.pp}: {message}")

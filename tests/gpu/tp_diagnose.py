@@ -6,7 +6,9 @@
 """
 
 import json
+import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ hf_dir, dist_dir = sys.argv[1], sys.argv[2]
 layout = ParallelLayout(tp=2)
 cfg = GptOssConfig.from_file(hf_dir)
 me = init_distributed(layout)
+sys.excepthook = lambda *exc: (traceback.print_exception(*exc, file=sys.stdout), sys.stdout.flush(), os._exit(1))
 
 
 def build():
