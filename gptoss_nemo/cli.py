@@ -88,6 +88,25 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    import logging
+
+    from gptoss_nemo.config.load import load_recipe
+    from gptoss_nemo.config.sft import SFTRecipe
+    from gptoss_nemo.parallel.setup import shutdown
+    from gptoss_nemo.train.sft import run_sft
+
+    logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
+    recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+    try:
+        summary = run_sft(recipe, use_te=False if args.local_spec else None)
+    finally:
+        shutdown()
+    if _rank0():
+        print(json.dumps({"sft": {"out_dir": recipe.train.out_dir, **summary}}))
+    return 0
+
+
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -136,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a preset (gpt-oss-20b, gpt-oss-120b, tiny) instead of the recipe's checkpoint")
     p.add_argument("--local-spec", action="store_true", help="plan for megatron's local spec instead of TE")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("sft", help="BF16 fine-tuning with the router and its load-balancing loss (torchrun/srun)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--local-spec", action="store_true",
+                   help="megatron's local layer spec even when Transformer Engine imports")
+    p.set_defaults(func=_sft)
 
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
     p.add_argument("ckpt")

@@ -13,12 +13,40 @@ and is called by the model builder; it returns the names of the patches in effec
    behavior is forbidden". The fix makes that one add out of place. Seen with the local spec (SequentialMLP);
    reproduced on CPU by tests/test_compat.py. Upstream: NVIDIA/Megatron-LM, same file and line (no issue
    was found filed for it as of 2026-11).
+
+2. empty_optimizer_state_on_load — megatron-core 0.19.2, `megatron/core/optimizer/distrib_optimizer.py`,
+   `DistributedOptimizer.state_dict`: without Apex or Transformer Engine the inner optimizer is torch's AdamW,
+   whose per-parameter state is empty until its first step, and `state_dict` does
+       steps = list(set([s["step"].item() for s in inner_state_dict["state"].values()])); assert len(steps) == 1
+   so building the sharded state dict to *load* a training checkpoint into a fresh optimizer fails (resume).
+   `fill_empty_optimizer_state` gives such an optimizer placeholder state with megatron's own helper (the one it
+   uses for FSDP loads, `_init_optimizer_states_with_dummy_values`: a zero-gradient step at the scheduler's
+   initial LR); the checkpoint then overwrites every value (FP32 main weights, moments, step). Applied only when
+   the installed optimizer has the assertion and is running without Apex/TE, and only to optimizers with no state.
+   Seen on the GPU tier (SIGKILL-resume test). Upstream: NVIDIA/Megatron-LM, same file (no issue found filed).
+
+3. adamw_step_key_on_load — the same file and setup, `DistributedOptimizer._set_main_param_and_optimizer_states`:
+   loading `fully_reshardable` optimizer state copies every tensor of torch AdamW's per-parameter state,
+   including its tensor `step`, from the checkpoint's per-parameter tensors, which hold only `param`, `exp_avg`
+   and `exp_avg_sq` (`if not isinstance(tensors[key], torch.Tensor)` -> KeyError 'step'). `load_state_dict` has
+   already restored `step` from the saved param groups, so the patch skips keys the checkpoint does not have
+   (`tensors.get(key)`). Applied only without Apex/TE (with them the optimizer keeps `step` in its param groups).
+
+4. adamw_shared_step_after_load — the same setup, `DistributedOptimizer.load_state_dict`: it restores torch
+   AdamW's per-parameter `step` as ONE tensor object shared by every parameter (`s["step"] = step` in a loop).
+   torch's foreach AdamW then increments that shared tensor once per parameter on the next step (with 3
+   parameters at step 10 it reads 13, not 11), so the bias correction after a resume is wrong and the resumed
+   losses drift from the uninterrupted run's (GPU tier: equal up to the first step after the checkpoint, then
+   off by 1.6e-4 relative and growing). `unshare_adamw_steps` gives every parameter its own copy after the
+   load; reproduced with plain torch on CPU by tests/test_compat.py. Applied only without Apex/TE.
 """
 
 from __future__ import annotations
 
 import inspect
 import textwrap
+
+import torch
 
 _APPLIED: set[str] = set()
 
@@ -52,7 +80,23 @@ def _patch_expert_bias_inplace_add() -> bool:
     return _rewrite_method(MLP, "forward", _INPLACE_BIAS, _OUT_OF_PLACE_BIAS)
 
 
-_PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add}
+_STEP_KEY = "if not isinstance(tensors[key], torch.Tensor):"
+
+
+def _patch_adamw_step_key_on_load() -> bool:
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    cls = dopt.DistributedOptimizer
+    if getattr(cls._set_main_param_and_optimizer_states, "__gptoss_nemo_patched__", False):
+        return True
+    if dopt.HAVE_APEX_OR_TE:
+        return False
+    return _rewrite_method(cls, "_set_main_param_and_optimizer_states", _STEP_KEY,
+                           "if not isinstance(tensors.get(key), torch.Tensor):")
+
+
+_PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
+            "adamw_step_key_on_load": _patch_adamw_step_key_on_load}
 
 
 def apply_megatron_patches() -> list[str]:
@@ -61,3 +105,44 @@ def apply_megatron_patches() -> list[str]:
         if name not in _APPLIED and patch():
             _APPLIED.add(name)
     return sorted(_APPLIED)
+
+
+_STEP_ASSERT = "assert len(steps) == 1"
+
+
+def _inner_torch_optimizers(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            yield opt, inner
+
+
+def unshare_adamw_steps(optimizer) -> int:
+    """Workaround 4, right after `optimizer.load_state_dict(...)`: one `step` tensor per parameter again.
+    Returns how many state entries got their own copy."""
+    fixed = 0
+    for _, inner in _inner_torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for state in inner.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                    fixed += 1
+                seen.add(id(step))
+    return fixed
+
+
+def fill_empty_optimizer_state(optimizer) -> bool:
+    """Workaround 2, before loading a training checkpoint into `optimizer` (megatron's, possibly chained).
+    Returns whether it did anything."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE or _STEP_ASSERT not in inspect.getsource(dopt.DistributedOptimizer.state_dict):
+        return False
+    done = False
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, dopt.DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+            done = True
+    return done

@@ -1,9 +1,12 @@
-"""The megatron-core expert-bias patch: the installed bug reproduces on CPU, and the patch fixes it."""
+"""The megatron-core workarounds (gptoss_nemo/compat.py): each bug reproduces on CPU with the installed code, and
+the workaround fixes it."""
 
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
@@ -47,5 +50,69 @@ def test_bug_present_in_installed_megatron_and_patch_fixes_it():
     if "patches []" in patched.stdout:  # a megatron-core without the bug: nothing patched, and none needed
         assert bare.returncode == 0, bare.stderr[-2000:]
         return
-    assert "patches ['expert_bias_inplace_add']" in patched.stdout
+    assert "'expert_bias_inplace_add'" in patched.stdout
     assert bare.returncode != 0 and "is a view and is being modified inplace" in bare.stderr
+
+
+def _adamw_after_one_step(params):
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt
+
+
+def test_adamw_shared_step_after_load_and_its_repair():
+    """megatron's DistributedOptimizer.load_state_dict hands every parameter the same `step` tensor; torch's foreach
+    AdamW then counts one step per parameter. unshare_adamw_steps restores one counter per parameter."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gptoss_nemo.compat import unshare_adamw_steps
+
+    def resumed(repair: bool):
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+        state = _adamw_after_one_step(params).state_dict()
+        shared = torch.tensor(10.0)
+        for s in state["state"].values():
+            s["step"] = shared  # what megatron's load_state_dict does without Apex/TE
+        opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        opt.load_state_dict(state)
+        chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=opt)])
+        fixed = unshare_adamw_steps(chained) if repair else 0
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [s["step"].item() for s in opt.state.values()], fixed
+
+    assert resumed(repair=False)[0] == [13.0, 13.0, 13.0]  # the bug: 10 + one increment per parameter
+    assert resumed(repair=True) == ([11.0, 11.0, 11.0], 2)
+
+
+def test_adamw_step_key_on_load_patch():
+    """Loading `fully_reshardable` optimizer state: the checkpoint's per-parameter tensors have no `step`."""
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    inner = _adamw_after_one_step([param])
+    fake = SimpleNamespace(model_param_group_index_map={"p": (0, 0)}, optimizer=inner,
+                           config=SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False))
+    saved = {"param": torch.full((4,), 2.0), "exp_avg": torch.full((4,), 3.0), "exp_avg_sq": torch.full((4,), 4.0)}
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(original, "__gptoss_nemo_patched__", False):
+        with pytest.raises(KeyError, match="step"), torch.no_grad():  # megatron calls it under no_grad
+            original(fake, "p", saved)
+    assert "adamw_step_key_on_load" in apply_megatron_patches()
+    with torch.no_grad():
+        DistributedOptimizer._set_main_param_and_optimizer_states(fake, "p", saved)
+    state = inner.state[param]
+    assert torch.equal(param.data, saved["param"]) and torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
+    assert state["step"].item() == 1.0  # left as load_state_dict set it

@@ -43,6 +43,8 @@ class TrainConfig:
     expert_max_share: float = 0.5  # warn when one expert takes more of a layer's routed tokens
     tensorboard: bool = True
     wandb_project: str | None = None
+    plots: bool = True  # loss curves and expert-load heatmap (PNG) at the end of the run
+    deterministic: bool = False  # deterministic kernels (slower): resumed and uninterrupted runs match bitwise
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "save_every", "keep_last", "log_every"):

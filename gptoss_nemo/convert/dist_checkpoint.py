@@ -41,19 +41,29 @@ def save_dist_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Collective: every rank calls it with its own model stage."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     with collective_atomic_dir(out_dir, overwrite=overwrite) as tmp:
         dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
-        if dist.get_rank() == 0:
-            meta = {"format": FORMAT, "gptoss_nemo": __version__, "source": source, "saved_with": asdict(layout)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / HF_SUBDIR).mkdir()
-            cfg.replace(quantized=False).save(tmp / HF_SUBDIR)
-            if side_files_from is not None:
-                copy_side_files(side_files_from, tmp / HF_SUBDIR)
+        write_checkpoint_meta(tmp, cfg, layout=layout, source=source, side_files_from=side_files_from)
     return Path(out_dir)
+
+
+def write_checkpoint_meta(tmp: Path, cfg: GptOssConfig, *, layout: ParallelLayout, source: str,
+                          side_files_from: str | Path | None, extra: dict | None = None) -> None:
+    """Rank 0 only (others return): gptoss_nemo.json and hf/ into a checkpoint being written, which makes any
+    dist checkpoint holding the model's tensors (an import, a training step) a gptoss-nemo checkpoint."""
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return
+    meta = {"format": FORMAT, "gptoss_nemo": __version__, "source": source, "saved_with": asdict(layout),
+            **(extra or {})}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / HF_SUBDIR).mkdir()
+    cfg.replace(quantized=False).save(tmp / HF_SUBDIR)
+    if side_files_from is not None:
+        copy_side_files(side_files_from, tmp / HF_SUBDIR)
 
 
 def read_dist_checkpoint_config(ckpt_dir: str | Path) -> tuple[GptOssConfig, dict]:
@@ -71,9 +81,11 @@ def read_dist_checkpoint_config(ckpt_dir: str | Path) -> tuple[GptOssConfig, dic
 
 
 def load_dist_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Collective: fill this rank's model stage from the checkpoint, whatever layout wrote it."""
+    """Collective: fill this rank's model stage from the checkpoint, whatever layout wrote it (an import or a
+    training checkpoint, whose optimizer and scheduler state is left unread)."""
     from megatron.core import dist_checkpointing
 
     gpt = unwrap(model)
-    state = dist_checkpointing.load(gpt.sharded_state_dict(), str(ckpt_dir))
-    gpt.load_state_dict(state, strict=True)
+    wanted = gpt.sharded_state_dict()
+    state = dist_checkpointing.load(wanted, str(ckpt_dir))
+    gpt.load_state_dict({k: state[k] for k in wanted}, strict=True)

@@ -45,3 +45,38 @@ def warnings(loads: list[LayerLoad], max_share: float) -> list[str]:
             lines.append(f"layer {ld.layer}: one expert took {ld.max_share:.1%} of the routed tokens "
                          f"(> train.expert_max_share={max_share:.0%})")
     return lines
+
+
+class RoutedTokenCounter:
+    """Counts, with forward hooks on megatron's routers, the tokens each expert of each local layer is routed in
+    training forwards (evaluation forwards are left out)."""
+
+    def __init__(self, gpt_model, num_experts: int):
+        layers = gpt_model.decoder.layers
+        self.counts = torch.zeros(len(layers), num_experts, device="cuda")
+        self.first_layer = layers[0].layer_number - 1 if len(layers) else 0
+        self.sequence_parallel = bool(gpt_model.config.sequence_parallel)
+        for i, layer in enumerate(layers):
+            layer.mlp.router.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            if module.training:
+                routing_map = output[1]  # [tokens, experts] booleans: the top-k choice of each token
+                self.counts[i] += routing_map.sum(dim=0).float()
+        return hook
+
+    def take(self) -> torch.Tensor:
+        """Collective. [layers of the whole model, experts] on every rank, summed over the ranks that route
+        different tokens (data-parallel replicas; TP ranks under sequence parallelism); then reset."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        counts = self.counts.clone()
+        dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if self.sequence_parallel:
+            dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+        pieces: list = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(pieces, (self.first_layer, counts.cpu()), group=ps.get_pipeline_model_parallel_group())
+        self.counts.zero_()
+        return torch.cat([c for _, c in sorted(pieces, key=lambda p: p[0])])

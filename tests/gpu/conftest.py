@@ -31,3 +31,29 @@ def megatron_parallel():
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny MXFP4 gpt-oss checkpoint with o200k_harmony tokenizer files. They are built with bpe-openai when it
+    is installed; on a GPU machine without it, from prebuilt files in $GPTOSS_NEMO_TOKENIZER_DIR (written by
+    `gptoss_nemo.tokenizer.o200k_harmony.save_tokenizer` elsewhere)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from gptoss_nemo.checkpoint.hf_layout import SIDE_FILES
+    from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
+    from gptoss_nemo.model.presets import tiny
+
+    out = tmp_path_factory.mktemp("tiny-tok") / "tiny-mxfp4"
+    if importlib.util.find_spec("bpe_openai") is not None:
+        return write_tiny_checkpoint(out, tiny(), seed=1234)
+    prebuilt = os.environ.get("GPTOSS_NEMO_TOKENIZER_DIR")
+    if not prebuilt or not (Path(prebuilt) / "tokenizer.json").is_file():
+        pytest.skip("needs bpe-openai or prebuilt tokenizer files in $GPTOSS_NEMO_TOKENIZER_DIR")
+    path = write_tiny_checkpoint(out, tiny(), seed=1234, tokenizer=False)
+    for name in SIDE_FILES:
+        if (Path(prebuilt) / name).is_file() and not (path / name).exists():
+            shutil.copyfile(Path(prebuilt) / name, path / name)
+    return path

@@ -4,14 +4,12 @@ importer evaluated, and (with two GPUs) EP2 / TP2 / PP2 through torchrun.
 Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import json_line, result, torchrun
 from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, token_ids
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -44,10 +42,6 @@ def _loaded(cfg, src):
     return model
 
 
-def _result(name, value):
-    print(f"RESULT {name}: {json.dumps(value)}", flush=True)
-
-
 def test_parity_ep1(megatron_parallel, ckpts):
     from gptoss_nemo.model.build import build_rank_model
 
@@ -58,7 +52,7 @@ def test_parity_ep1(megatron_parallel, ckpts):
     mc32 = megatron_logits(fp32_copy(model, lambda **kw: build_rank_model(
         cfg, ParallelLayout(), use_te=False, parallel_output=False, **kw)), ids)
     r = parity_report(bf, ids, mc16, mc32)
-    _result("parity EP1 (1 GPU, from MXFP4)", r)
+    result("parity EP1 (1 GPU, from MXFP4)", r)
     assert not parity_failures(r, COS, TOP1), parity_failures(r, COS, TOP1)
 
 
@@ -70,7 +64,7 @@ def test_export_equals_transformers_dequantization(megatron_parallel, ckpts, tmp
     ref = GptOssForCausalLM.from_pretrained(mx, dtype=torch.bfloat16,
                                             quantization_config=Mxfp4Config(dequantize=True)).state_dict()
     r = bit_identical(read_tensors(tmp_path / "out"), {k: v.contiguous() for k, v in ref.items()})
-    _result("MXFP4 -> megatron EP1 -> HF BF16 vs transformers' dequantized state dict", r)
+    result("MXFP4 -> megatron EP1 -> HF BF16 vs transformers' dequantized state dict", r)
     assert r["identical"] == r["tensors"] and r["first_difference"] is None
     assert json.loads((tmp_path / "out" / "config.json").read_text()).get("quantization_config") is None
 
@@ -87,40 +81,24 @@ def test_modelopt_importer_evaluation(megatron_parallel, ckpts):
     import_mcore_gpt_from_hf(theirs, str(mx))
     same = [n for n, p in theirs.named_parameters() if torch.equal(p, ours[n])]
     differ = sorted(set(ours) - set(same))
-    _result("ModelOpt importer on MXFP4 vs ours", {"params": len(ours), "bit_identical": len(same),
+    result("ModelOpt importer on MXFP4 vs ours", {"params": len(ours), "bit_identical": len(same),
                                                    "differ_first": differ[:3]})
     fresh = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
     with pytest.raises(Exception) as err:  # BF16 gpt-oss checkpoints (our own exports, SFT outputs) are refused
         import_mcore_gpt_from_hf(fresh, str(bf))
-    _result("ModelOpt importer on BF16", {"error": f"{type(err.value).__name__}: {str(err.value)[:200]}"})
-
-
-def _torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)  # a hang fails, not stalls
-    except subprocess.TimeoutExpired as e:
-        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\n{text[0][-3000:]}\n{text[1][-6000:]}")
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return r
-
-
-def _imported(r: subprocess.CompletedProcess) -> dict:
-    return next(json.loads(line)["imported"] for line in r.stdout.splitlines() if line.startswith('{"imported"'))
+    result("ModelOpt importer on BF16", {"error": f"{type(err.value).__name__}: {str(err.value)[:200]}"})
 
 
 def test_import_and_export_commands_one_gpu(ckpts, tmp_path):
     """`gptoss-nemo import` (dist checkpoint) then `gptoss-nemo export --format bf16`: bit-identical to the BF16
     checkpoint of the same seed (= transformers' dequantization, test above)."""
     mx, bf, _ = ckpts
-    summary = _imported(_torchrun(1, "-m", "gptoss_nemo", "import", str(mx), str(tmp_path / "ckpt"), "--local-spec",
-                                  port=29811))
-    _torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--local-spec",
-              port=29812)
+    summary = json_line(torchrun(1, "-m", "gptoss_nemo", "import", str(mx), str(tmp_path / "ckpt"), "--local-spec",
+                                 port=29811), "imported")
+    torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--local-spec",
+             port=29812)
     r = bit_identical(read_tensors(tmp_path / "hf"), read_tensors(bf))
-    _result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
+    result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
     assert r["identical"] == r["tensors"]
 
 
@@ -132,17 +110,17 @@ def ep2_import(ckpts, tmp_path_factory):
     """`gptoss-nemo import --ep 2` on two GPUs: each rank reads half of the expert bytes."""
     mx, _, _ = ckpts
     out = tmp_path_factory.mktemp("ep2") / "ckpt-ep2"
-    summary = _imported(_torchrun(2, "-m", "gptoss_nemo", "import", str(mx), str(out), "--ep", "2", "--local-spec",
-                                  port=29821))
-    _result("import EP2 (2 GPUs) expert bytes", summary)
+    summary = json_line(torchrun(2, "-m", "gptoss_nemo", "import", str(mx), str(out), "--ep", "2", "--local-spec",
+                                 port=29821), "imported")
+    result("import EP2 (2 GPUs) expert bytes", summary)
     return out, summary
 
 
 def _worker(ckpts, tmp_path, port, *args):
     out = tmp_path / f"r{port}.json"
-    _torchrun(2, str(HERE / "layout_worker.py"), "--reference", str(ckpts[1]), "--out", str(out), *args, port=port)
+    torchrun(2, str(HERE / "layout_worker.py"), "--reference", str(ckpts[1]), "--out", str(out), *args, port=port)
     r = json.loads(out.read_text())
-    _result(f"{r['layout']} from {Path(r['source']).name}", r)
+    result(f"{r['layout']} from {Path(r['source']).name}", r)
     return r
 
 
@@ -177,8 +155,8 @@ def test_tp2_from_hf_and_from_the_ep2_checkpoint(ckpts, ep2_import, tmp_path):
     tp2 = _worker(ckpts, tmp_path, 29825, "--tp", "2", "--hf", str(mx))
     _check_parity(tp2)
     _check_parity(_worker(ckpts, tmp_path, 29826, "--tp", "2", "--dist", str(ep2_import[0])))
-    _torchrun(2, "-m", "gptoss_nemo", "export", str(ep2_import[0]), str(tmp_path / "tp2-export"), "--tp", "2",
-              "--local-spec", port=29827)
+    torchrun(2, "-m", "gptoss_nemo", "export", str(ep2_import[0]), str(tmp_path / "tp2-export"), "--tp", "2",
+             "--local-spec", port=29827)
     r = bit_identical(read_tensors(tmp_path / "tp2-export"), read_tensors(bf))
-    _result("EP2 dist ckpt -> export --tp 2 vs BF16 checkpoint", r)
+    result("EP2 dist ckpt -> export --tp 2 vs BF16 checkpoint", r)
     assert r["identical"] == r["tensors"], r

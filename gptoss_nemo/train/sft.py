@@ -1,0 +1,192 @@
+"""`gptoss-nemo sft RECIPE [a.b=c ...]`: BF16 full fine-tuning of gpt-oss with the router trained and its
+load-balancing loss on.
+
+Everything that can be wrong with the input is found before a GPU is touched (`prepare`): the recipe, the
+checkpoint, the layout against the world size and the batch sizes, the logging backends, and the data (a
+malformed line names its file and line; more bad lines than `data.max_bad_fraction` stop the run). Then each rank
+builds its model stage, loads the checkpoint under the recipe's layout, and trains (train/step.py), resuming from
+the newest complete checkpoint in RUN/checkpoints when there is one.
+
+    RUN/metrics.jsonl        one line per step: loss = lm_loss + aux weighted, lm_loss, aux_loss (balancing loss
+                             averaged over layers, 1.0 = balanced), grad_norm, lr, tokens/s/GPU, TFLOP/s/GPU,
+                             per-layer expert max/mean load; val_loss every eval_every steps
+    RUN/expert_load.jsonl    tokens routed to each expert of each layer, per logging window
+    RUN/tensorboard/         the same scalars (W&B too when train.wandb_project is set)
+    RUN/loss.png, RUN/expert_load.png, RUN/expert_load.pt   at the end of the run
+    RUN/checkpoints/step_N/  train/state.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gptoss_nemo.config.sft import SFTRecipe
+from gptoss_nemo.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("gptoss_nemo.sft")
+
+
+@dataclass
+class Prepared:
+    recipe: SFTRecipe
+    cfg: object  # GptOssConfig
+    world: int
+    dp: int
+    use_te: bool
+    train: list
+    valid: list
+    data_stats: dict
+
+
+def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
+    """CPU-only checks and data preparation; raises GptOssNemoError with the fix in the message."""
+    from transformers import AutoTokenizer
+
+    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, read_dist_checkpoint_config
+    from gptoss_nemo.data.dataset import build_datasets
+    from gptoss_nemo.model.build import resolve_use_te
+    from gptoss_nemo.parallel.setup import env_world_size
+    from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD
+
+    t = recipe.train
+    cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
+    world, use_te = env_world_size(), resolve_use_te(use_te)
+    recipe.parallel.validate(cfg, world, te=use_te)
+    dp = world // (recipe.parallel.tp * recipe.parallel.pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                          f"{t.micro_batch_size} x data-parallel size {dp} (world {world} / tp*pp)")
+    if recipe.data.seq_length > cfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
+                          f"{cfg.max_position_embeddings}")
+    for wanted, module, key in ((t.tensorboard, "tensorboard", "train.tensorboard"),
+                                (t.plots, "matplotlib", "train.plots"),
+                                (t.wandb_project, "wandb", "train.wandb_project")):
+        if wanted and not _importable(module):
+            raise ConfigError(f"{key} is set but the `{module}` package is not installed: install it or set "
+                              f"{key}={'null' if key.endswith('project') else 'false'}")
+    hf = Path(recipe.checkpoint) / HF_SUBDIR
+    if not (hf / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf}: no tokenizer.json; import from a Hugging Face checkpoint that has its tokenizer "
+                              "files (gptoss-nemo make-tiny writes o200k_harmony's)")
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    train, valid, stats = build_datasets(recipe.data, tokenizer, HARMONY_SPECIAL_TOKENS[PAD])
+    data_stats = {"lines": stats.lines, "bad": stats.bad, **stats.outcomes, "tokens": stats.tokens,
+                  "loss_tokens": stats.loss_tokens, "train_sequences": len(train), "valid_sequences": len(valid)}
+    return Prepared(recipe, cfg, world, dp, use_te, train, valid, data_stats)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _restart_logs(out_dir: Path, start: int) -> None:
+    """A resumed run logs the steps after `start` again: drop what the interrupted run wrote past it (all of it
+    when no checkpoint was complete)."""
+    for name in ("metrics.jsonl", "expert_load.jsonl"):
+        path = out_dir / name
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= start] if start else []
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def _deterministic(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
+    """Train; returns {"resumed_from": step or 0, "last": the last step's metrics} (on every rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, load_dist_checkpoint
+    from gptoss_nemo.model.build import build_rank_model
+    from gptoss_nemo.parallel.setup import init_distributed
+    from gptoss_nemo.train import checkpoint_dirs
+    from gptoss_nemo.train.batches import GlobalBatches
+    from gptoss_nemo.train.expert_load import RoutedTokenCounter, summarize, warnings
+    from gptoss_nemo.train.metrics_log import MetricsLog, read_metrics
+    from gptoss_nemo.train.state import load_training, save_training
+    from gptoss_nemo.train.step import aux_losses, build_training, evaluate, throughput, train_step
+
+    p = prepare(recipe, use_te)
+    t, cfg, seq = recipe.train, p.cfg, recipe.data.seq_length
+    _deterministic(t.deterministic)
+    me = init_distributed(recipe.parallel, seed=t.seed)
+    gpt = build_rank_model(cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True,
+                           deterministic_mode=t.deterministic)
+    load_dist_checkpoint(gpt, recipe.checkpoint)
+    counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
+    model, optimizer, scheduler = build_training(recipe, gpt)
+    dp_rank = ps.get_data_parallel_rank()
+    train = GlobalBatches(p.train, t.global_batch_size, t.micro_batch_size, dp_rank, p.dp, t.seed)
+    valid = GlobalBatches(p.valid or p.train, t.global_batch_size, t.micro_batch_size, dp_rank, p.dp, t.seed)
+
+    out, root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
+    start = checkpoint_dirs.find_latest(root) or 0
+    if start:
+        load_training(root, start, model, optimizer, scheduler)
+    rank0 = me.rank == 0
+    metrics = None
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        _restart_logs(out, start)
+        (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str) + "\n")
+        metrics = MetricsLog(out, t.tensorboard, t.wandb_project, run_config=asdict(recipe))
+        log.info("data: %s; %s from step %d, %d micro-batches per step per data-parallel rank", p.data_stats,
+                 "resuming" if start else "starting", start, train.num_microbatches)
+    save = dict(keep_last=t.keep_last, cfg=cfg, layout=recipe.parallel, source=str(recipe.checkpoint),
+                side_files_from=Path(recipe.checkpoint) / HF_SUBDIR)
+    row: dict = {}
+    if start == 0 and t.eval_every:  # the starting point of the validation curve
+        val = evaluate(model, valid, t.eval_batches, seq)
+        if metrics is not None:
+            metrics.log(0, {"val_loss": val})
+    for step in range(start, t.steps):
+        row = train_step(model, optimizer, scheduler, train, step, seq)
+        aux = aux_losses(recipe.router, cfg.num_hidden_layers, train.num_microbatches, step + 1)
+        row = {"loss": row["lm_loss"] + aux.pop("weighted"), **row, **aux,
+               **throughput(cfg, seq, t.global_batch_size, row["seconds"], p.world)}
+        if (step + 1) % t.log_every == 0:
+            counts = counter.take()
+            for layer in summarize(counts):
+                row[f"expert_max_over_mean/layer_{layer.layer}"] = layer.max_over_mean
+            for line in warnings(summarize(counts), t.expert_max_share):
+                if rank0:
+                    log.warning("step %d: %s", step + 1, line)
+            if rank0:
+                with (out / "expert_load.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "tokens": counts.long().tolist()}) + "\n")
+        if t.eval_every and (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
+            row["val_loss"] = evaluate(model, valid, t.eval_batches, seq)
+        if metrics is not None:
+            metrics.log(step + 1, row)
+            log.info("step %d: %s", step + 1, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()
+                                               if not k.startswith("expert_max")})
+        if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+            save_training(root, step + 1, model, optimizer, scheduler, **save)
+        row["step"] = step + 1
+    if metrics is not None:
+        metrics.close()
+        windows = read_metrics(out / "expert_load.jsonl") if (out / "expert_load.jsonl").is_file() else []
+        load_total = torch.tensor([w["tokens"] for w in windows]).sum(dim=0) if windows else torch.zeros(
+            cfg.num_hidden_layers, cfg.num_local_experts)
+        torch.save(load_total, out / "expert_load.pt")
+        if t.plots:
+            from gptoss_nemo.train.plots import plot_expert_load, plot_losses
+
+            plot_losses(read_metrics(metrics.jsonl), out / "loss.png")
+            plot_expert_load(load_total, out / "expert_load.png")
+    dist.barrier()
+    return {"resumed_from": start, "last": row}

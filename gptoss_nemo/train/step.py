@@ -1,0 +1,146 @@
+"""One training step and one evaluation on megatron-core: the model wrapped for training, the optimizer, the LR
+schedule, the loss reduction and the MoE auxiliary-loss report.
+
+    model      GPTModel stage -> Float16Module (BF16 params) -> DDP (gradients reduced in FP32)
+    optimizer  megatron's distributed optimizer: AdamW (decoupled weight decay) on FP32 main weights sharded
+               over the data-parallel ranks, gradient clipping on the global norm
+    schedule   OptimizerParamScheduler: linear warmup from 0, cosine decay to min_lr at the last step
+    step       get_forward_backward_func() over the micro-batches of one global batch (PP schedules included),
+               per-token loss: the LM loss is the mean over every loss token of the global batch, whatever the
+               micro-batch and data-parallel split (calculate_per_token_loss; megatron scales the router's aux
+               loss gradients to match)
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+from gptoss_nemo.config.sft import SFTRecipe
+from gptoss_nemo.model.megatron_config import RouterConfig
+from gptoss_nemo.train.batches import GlobalBatches
+from gptoss_nemo.train.flops import train_flops_per_token
+
+# What megatron's router records per layer for each balancing-loss type (divided by its coefficient).
+AUX_LOSS_METRIC = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """output: per-token LM loss [b, s]. Returns (sum of masked losses, number of loss tokens, report)."""
+    mask = loss_mask.float()
+    total = (output.float() * mask).sum()
+    return total, mask.sum().to(torch.int), {"lm loss": torch.stack([total.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    batch = {k: v.cuda(non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def build_training(recipe: SFTRecipe, model):
+    """Wrap a loaded model stage for training; returns (model, optimizer, scheduler)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    config = model.config
+    model = Float16Module(config, model)
+    model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                              overlap_grad_reduce=False, check_for_nan_in_grad=True), model)
+    o, steps = recipe.optimizer, recipe.train.steps
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+                        bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True),
+        [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.warmup_steps, steps - 1),
+        lr_decay_steps=steps, lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=steps, wd_incr_style="constant")
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return model, optimizer, scheduler
+
+
+def run_global_batch(model, batches: GlobalBatches, step: int, seq_length: int, forward_only: bool) -> torch.Tensor:
+    """Forward (and backward unless forward_only) over global batch `step`; returns this rank's
+    [sum of masked token losses, loss tokens] (zeros off the last stage and on TP ranks > 0, which hold copies)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
+        num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
+        decoder_seq_length=seq_length, forward_only=forward_only)
+    totals = torch.zeros(2, device="cuda")
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for r in reports:
+            totals += r["lm loss"]
+    return totals
+
+
+def global_mean(totals: torch.Tensor) -> tuple[float, int]:
+    """(per-token mean loss, loss tokens) of the global batch: sums over every rank (data-parallel replicas add
+    up, other stages and TP ranks > 0 add zeros)."""
+    import torch.distributed as dist
+
+    totals = totals.clone()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
+
+
+def train_step(model, optimizer, scheduler, batches: GlobalBatches, step: int, seq_length: int) -> dict:
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    start = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    totals = run_global_batch(model, batches, step, seq_length, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    lm_loss, tokens = global_mean(totals)
+    return {"lm_loss": lm_loss, "loss_tokens": tokens, "grad_norm": float(grad_norm) if grad_norm is not None else
+            float("nan"), "update_ok": bool(ok), "lr": lr, "seconds": time.perf_counter() - start}
+
+
+def aux_losses(router: RouterConfig, num_layers: int, num_microbatches: int, step: int) -> dict:
+    """Collective (every rank, every step; it also clears megatron's tracker). The balancing loss (and z-loss)
+    averaged over layers and micro-batches, as megatron records it: divided by its coefficient, so 1.0 means
+    perfectly balanced for `aux_loss`. `weighted` = what the losses add to the objective (coefficient x layers)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    names = {"aux_loss": AUX_LOSS_METRIC[router.load_balancing_type]}
+    coeffs = {"aux_loss": router.aux_loss_coeff}
+    if router.z_loss_coeff:
+        names["z_loss"], coeffs["z_loss"] = "z_loss", router.z_loss_coeff
+    found: dict = {}
+    get_moe_metrics_tracker().report(loss_scale=1 / num_microbatches, iteration=step, num_layers=num_layers,
+                                     force_initialize=True, track_names=list(names.values()), total_loss_dict=found)
+    out = {key: float(found[name]) for key, name in names.items() if name in found}
+    out["weighted"] = sum(coeffs[k] * num_layers * v for k, v in out.items())
+    return out
+
+
+def evaluate(model, batches: GlobalBatches, num_batches: int, seq_length: int) -> float:
+    """Mean LM loss per token over the first `num_batches` global batches of the validation set (no grad)."""
+    model.eval()
+    totals = torch.zeros(2, device="cuda")
+    with torch.no_grad():
+        for step in range(num_batches):
+            totals += run_global_batch(model, batches, step, seq_length, forward_only=True)
+    model.train()
+    return global_mean(totals)[0]
+
+
+def throughput(cfg, seq_length: int, global_batch_size: int, seconds: float, world_size: int) -> dict:
+    """Tokens/s/GPU counts every position of the global batch (padding included); TFLOP/s/GPU uses the model
+    FLOPs of train/flops.py (active experts only)."""
+    tokens = seq_length * global_batch_size
+    return {"tokens_per_s_per_gpu": tokens / seconds / world_size,
+            "tflops_per_gpu": train_flops_per_token(cfg, seq_length) * tokens / seconds / world_size / 1e12}
