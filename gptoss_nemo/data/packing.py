@@ -5,10 +5,11 @@ A sequence holds whole conversations ("documents") back to back, then padding. F
     labels[j]      tokens[j + 1], the target
     loss_mask[j]   1 when tokens[j + 1] is a loss token of the same document; never across a boundary
     position_ids   restart at 0 in every document (RoPE sees each conversation from its start)
-    cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total]: Transformer Engine's packed-sequence
-                   attention (THD) keeps documents apart with them.
-Megatron's local attention path takes no document mask: there, tokens of a packed sequence attend to earlier
-documents of the same sequence (the loss still never crosses a boundary). Train with packing off when that matters.
+    cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total], the input of Transformer Engine's
+                   packed-sequence (THD) attention, which keeps documents apart.
+The SFT loop does not pass cu_seqlens to the model yet (THD attention needs Transformer Engine, which the test
+machines lack), so today tokens of a packed sequence attend to earlier documents of the same sequence on every
+attention path; the loss and the positions never cross a boundary. Train with data.packing=false when that matters.
 
 Packing is first-fit over the open sequences, in the (seeded, shuffled) order given: deterministic.
 """
