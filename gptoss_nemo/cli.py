@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from gptoss_nemo import __version__
@@ -94,12 +93,18 @@ def _sft(args: argparse.Namespace) -> int:
     from gptoss_nemo.config.load import load_recipe
     from gptoss_nemo.config.sft import SFTRecipe
     from gptoss_nemo.parallel.setup import shutdown
-    from gptoss_nemo.train.sft import run_sft
+    from gptoss_nemo.train.sft import dry_run, run_sft
 
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
     recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+    use_te = False if args.local_spec else None
+    if args.dry_run:
+        plan = dry_run(recipe, use_te)
+        if _rank0():
+            print(json.dumps({"dry_run": plan}))
+        return 0
     try:
-        summary = run_sft(recipe, use_te=False if args.local_spec else None)
+        summary = run_sft(recipe, use_te=use_te)
     finally:
         shutdown()
     if _rank0():
@@ -107,8 +112,17 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from gptoss_nemo.launch.stage import launch
+
+    launch(args.stage, args.recipe, args.overrides, mode=args.mode, dry_run=args.dry_run, local_spec=args.local_spec)
+    return 0
+
+
 def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    from gptoss_nemo.parallel.setup import env_rank
+
+    return env_rank() == 0
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--local-spec", action="store_true",
                    help="megatron's local layer spec even when Transformer Engine imports")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
     p.set_defaults(func=_sft)
+
+    p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")
+    p.add_argument("stage", choices=["sft"])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--print", dest="mode", action="store_const", const="print",
+                      help="print the sbatch script and the command that submits it")
+    mode.add_argument("--submit", dest="mode", action="store_const", const="submit", help="submit it with sbatch")
+    mode.add_argument("--local", dest="mode", action="store_const", const="local",
+                      help="run on this node with torchrun (cluster.gpus_per_node processes)")
+    p.add_argument("--dry-run", action="store_true", help="launch the stage's --dry-run (CPU tasks, no GPUs)")
+    p.add_argument("--local-spec", action="store_true", help="validate and run for megatron's local spec")
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
     p.add_argument("ckpt")

@@ -15,3 +15,7 @@ class CheckpointError(GptOssNemoError):
 
 class DataError(GptOssNemoError):
     """A dataset line or file that cannot be used for training."""
+
+
+class DeviceError(GptOssNemoError):
+    """A stage that needs CUDA GPUs started where none is visible."""

@@ -7,26 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_nemo.checkpoint.hf_layout import copy_side_files
 from gptoss_nemo.cli import main
 from gptoss_nemo.config.load import load_recipe
 from gptoss_nemo.config.sft import SFTRecipe
-from gptoss_nemo.convert.dist_checkpoint import FORMAT, HF_SUBDIR, META_FILE
-from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR
 from gptoss_nemo.train.sft import prepare
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_mxfp4, tmp_path_factory):
-    """What `prepare` reads of a gptoss-nemo checkpoint (its metadata, config and tokenizer; no tensors)."""
-    d = tmp_path_factory.mktemp("sft") / "ckpt"
-    (d / HF_SUBDIR).mkdir(parents=True)
-    (d / META_FILE).write_text(json.dumps({"format": FORMAT}))
-    GptOssConfig.from_file(tiny_mxfp4).replace(quantized=False).save(d / HF_SUBDIR)
-    copy_side_files(tiny_mxfp4, d / HF_SUBDIR)
-    return d
+@pytest.fixture
+def ckpt(tiny_ckpt_meta):
+    return tiny_ckpt_meta
 
 
 def _args(ckpt, tmp_path, *overrides):

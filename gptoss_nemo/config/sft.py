@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gptoss_nemo.config.cluster import ClusterConfig
 from gptoss_nemo.data.dataset import DataConfig
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.megatron_config import RouterConfig
@@ -63,3 +64,4 @@ class SFTRecipe:
     router: RouterConfig = field(default_factory=RouterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

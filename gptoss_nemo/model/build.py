@@ -11,6 +11,7 @@ import logging
 import torch
 
 from gptoss_nemo.compat import apply_megatron_patches
+from gptoss_nemo.errors import ConfigError, DeviceError
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.model.megatron_config import GptOssTransformerConfig, RouterConfig, to_transformer_config
 
@@ -33,7 +34,8 @@ def resolve_use_te(use_te: bool | None) -> bool:
     """None: TE when it imports. True without TE is an error, not a silent fallback."""
     te = te_version()
     if use_te and te is None:
-        raise RuntimeError("use_te=True but transformer_engine does not import; drop use_te to use the local spec")
+        raise ConfigError("Transformer Engine was asked for but transformer_engine does not import; use the NeMo "
+                          "container, or megatron's local spec (--local-spec)")
     return te is not None if use_te is None else use_te
 
 
@@ -84,7 +86,7 @@ def build_model(
 
     apply_megatron_patches()
     if not torch.cuda.is_available():
-        raise RuntimeError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
+        raise DeviceError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
     # to_transformer_config turns grouped-GEMM experts on exactly when it is given the TE spec.
     model = GPTModel(
         config=config,

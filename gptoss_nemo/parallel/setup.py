@@ -1,7 +1,9 @@
 """Process group and megatron parallel state for a layout, and where each rank sits in it.
 
-Launch with torchrun (one node) or srun (launch/): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT come from the environment; a plain `python` run is a world of one.
+Launch with torchrun (one node) or srun with one task per GPU (launch/): RANK, WORLD_SIZE, LOCAL_RANK come from
+torchrun's variables or, inside an srun step, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);
+MASTER_ADDR and MASTER_PORT from the environment (the sbatch script sets them). A plain `python` run is a world of
+one.
 """
 
 from __future__ import annotations
@@ -12,11 +14,26 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gptoss_nemo.errors import DeviceError
 from gptoss_nemo.parallel.layout import ParallelLayout
 
 
+def _in_srun_step() -> bool:
+    return "RANK" not in os.environ and "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
+
+
+def env_rank() -> int:
+    return int(os.environ.get("SLURM_PROCID", "0") if _in_srun_step() else os.environ.get("RANK", "0"))
+
+
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("SLURM_NTASKS", "1") if _in_srun_step() else os.environ.get("WORLD_SIZE", "1"))
+
+
+def _torch_env_from_slurm() -> None:
+    if _in_srun_step():
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ.get("SLURM_NTASKS", "1"),
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
 
 
 def _free_port() -> int:
@@ -45,7 +62,9 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234) -> RankCoords:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.cuda.is_available():
-        raise RuntimeError("gpt-oss megatron runs need CUDA GPUs; none is visible on this machine")
+        raise DeviceError("this stage needs CUDA GPUs and none is visible here: run it on a GPU node (`gptoss-nemo "
+                          "plan` and `--dry-run` check a recipe without one)")
+    _torch_env_from_slurm()
     if "RANK" not in os.environ:  # a world of one, started without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

@@ -82,6 +82,20 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
     return Prepared(recipe, cfg, world, dp, use_te, train, valid, data_stats)
 
 
+def dry_run(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
+    """Everything `run_sft` checks before touching a GPU, and the plan it would run: no GPU needed."""
+    from gptoss_nemo.plan.memory import estimate
+
+    p = prepare(recipe, use_te)
+    t = recipe.train
+    mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size, te=p.use_te)
+    return {"checkpoint": recipe.checkpoint, "out_dir": t.out_dir, "world_size": p.world,
+            "layout": asdict(recipe.parallel), "data_parallel": p.dp,
+            "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
+            "tokens_per_step": t.global_batch_size * recipe.data.seq_length, "steps": t.steps, "data": p.data_stats,
+            "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "transformer_engine": p.use_te}
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
@@ -106,7 +120,8 @@ def _deterministic(on: bool) -> None:
 
 
 def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
-    """Train; returns {"resumed_from": step or 0, "last": the last step's metrics} (on every rank)."""
+    """Train; returns {"resumed_from": step or 0, "stopped": whether a stop request ended it early, "last": the
+    last step's metrics} (on every rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -119,6 +134,7 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
     from gptoss_nemo.train.metrics_log import MetricsLog, read_metrics
     from gptoss_nemo.train.state import load_training, save_training
     from gptoss_nemo.train.step import aux_losses, build_training, evaluate, throughput, train_step
+    from gptoss_nemo.train.stop import stop_file, stop_requested
 
     p = prepare(recipe, use_te)
     t, cfg, seq = recipe.train, p.cfg, recipe.data.seq_length
@@ -149,6 +165,7 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
     save = dict(keep_last=t.keep_last, cfg=cfg, layout=recipe.parallel, source=str(recipe.checkpoint),
                 side_files_from=Path(recipe.checkpoint) / HF_SUBDIR)
     row: dict = {}
+    stopped = False
     if start == 0 and t.eval_every:  # the starting point of the validation curve
         val = evaluate(model, valid, t.eval_batches, seq)
         if metrics is not None:
@@ -174,9 +191,18 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
             metrics.log(step + 1, row)
             log.info("step %d: %s", step + 1, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()
                                                if not k.startswith("expert_max")})
-        if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+        saved = (step + 1) % t.save_every == 0 or step + 1 == t.steps
+        if saved:
             save_training(root, step + 1, model, optimizer, scheduler, **save)
         row["step"] = step + 1
+        if step + 1 < t.steps and stop_requested(stop_file(), "cuda"):
+            if not saved:
+                save_training(root, step + 1, model, optimizer, scheduler, **save)
+            stopped = True
+            if rank0:
+                log.warning("stop requested (%s): checkpointed step %d; the same command resumes from it",
+                            stop_file(), step + 1)
+            break
     if metrics is not None:
         metrics.close()
         windows = read_metrics(out / "expert_load.jsonl") if (out / "expert_load.jsonl").is_file() else []
@@ -189,4 +215,4 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
             plot_losses(read_metrics(metrics.jsonl), out / "loss.png")
             plot_expert_load(load_total, out / "expert_load.png")
     dist.barrier()
-    return {"resumed_from": start, "last": row}
+    return {"resumed_from": start, "stopped": stopped, "last": row}

@@ -5,9 +5,10 @@
                                      + rng/rank_00000.pt ... (CPU, CUDA and megatron tracker states per rank)
 
 The model and the distributed optimizer's state (FP32 main weights, Adam moments) are saved per parameter in
-model space (`fully_reshardable`: gathered over the data-parallel ranks at save, sliced at load; megatron-core 0.19
-refuses the older `fully_sharded_model_space`), so a checkpoint loads under another TP/EP/PP layout; the RNG files
-are used only when the world size is unchanged. The data position is the step: global batch t is a function of (seed, t).
+model space (`fully_reshardable`: gathered over the data-parallel ranks at save, sliced at load; megatron-core
+0.19 refuses the older `fully_sharded_model_space`), so a checkpoint loads under another TP/EP/PP layout; the RNG
+files are used only when the world size is unchanged. The data position is the step: global batch t is a function
+of (seed, t).
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""`gptoss-nemo launch STAGE RECIPE [a.b=c ...] --print | --submit | --local [--dry-run]`.
+
+The recipe (with its `cluster` section) is loaded and its layout checked against the allocation's world size
+(nodes x GPUs per node) before anything is submitted. Then either the sbatch script is printed, or written to
+RUN/launch/STAGE.sbatch and submitted, or (one node) the stage is run here under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.sft import SFTRecipe
+from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script, submit_chain, write_script
+
+STAGES = {"sft": SFTRecipe}
+
+
+def check_allocation(recipe: SFTRecipe, world: int, te: bool) -> None:
+    from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
+
+    cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
+    recipe.parallel.validate(cfg, world, te=te)
+    t, dp = recipe.train, world // (recipe.parallel.tp * recipe.parallel.pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                          f"{t.micro_batch_size} x data-parallel size {dp} (cluster world size {world} / tp*pp)")
+
+
+def check_visible(recipe: SFTRecipe, workdir: Path) -> None:
+    """With a container, the stage sees only the working directory and the mounts: the recipe's paths must be
+    inside them."""
+    cluster = recipe.cluster
+    if not cluster.container_image:
+        return
+    roots = [workdir, *(Path(m.split(":")[1]) for m in cluster.container_mounts)]
+    paths = [("checkpoint", recipe.checkpoint), *((f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)),
+             *((f"data.validation[{i}]", p) for i, p in enumerate(recipe.data.validation))]
+    for key, value in paths:
+        if value.startswith("synthetic:"):
+            continue
+        path = (workdir / value).absolute()
+        if not any(path.is_relative_to(r) for r in roots):
+            raise ConfigError(f"{key}={value} is outside the container's view ({workdir} and cluster.container_mounts"
+                              f"): add a cluster.container_mounts entry host_path:container_path for it")
+
+
+def stage_argv(stage: str, recipe_path: str | Path, overrides: list[str], *, dry_run: bool, local_spec: bool) -> list:
+    """`gptoss_nemo STAGE ...` arguments with the recipe path made absolute (jobs may start elsewhere)."""
+    return [stage, str(Path(recipe_path).absolute()), *overrides, *(["--dry-run"] if dry_run else []),
+            *(["--local-spec"] if local_spec else [])]
+
+
+def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry_run: bool = False,
+           local_spec: bool = False) -> None:
+    recipe = load_recipe(STAGES[stage], recipe_path, overrides)
+    cluster = recipe.cluster
+    check_allocation(recipe, cluster.world_size, te=not local_spec)
+    check_visible(recipe, Path.cwd())
+    argv = stage_argv(stage, recipe_path, overrides, dry_run=dry_run, local_spec=local_spec)
+    if mode == "local":
+        if cluster.nodes != 1:
+            raise ConfigError(f"--local runs on one node; the recipe asks for cluster.nodes={cluster.nodes} "
+                              "(use --submit)")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={cluster.gpus_per_node}", "-m", "gptoss_nemo", *argv]
+        print(shlex.join(cmd), flush=True)
+        os.execv(cmd[0], cmd)
+    run_dir = Path(recipe.train.out_dir).absolute()
+    python = "python" if cluster.container_image else sys.executable  # the container's, or this environment's
+    script = sbatch_script(cluster, run_dir, [python, "-m", "gptoss_nemo", *argv],
+                           job_name=f"{cluster.job_name}-{stage}", workdir=Path.cwd(), gpus=not dry_run)
+    path = run_dir / "launch" / f"{stage}.sbatch"
+    if mode == "print":
+        print(script)
+        print(f"# written to {path} and submitted by `gptoss-nemo launch {stage} ... --submit` as:")
+        print("# " + shlex.join(sbatch_command(path, run_dir)))
+        return
+    ids = submit_chain([write_script(script, run_dir, stage)], run_dir)
+    print(json.dumps({"submitted": {"stage": stage, "jobs": ids, "script": str(path), "logs": str(run_dir / "logs")}}))

@@ -1,0 +1,59 @@
+"""A real Slurm job: `gptoss-nemo launch sft ... --dry-run --submit` on the one-node cluster `.ci/slurm-up` starts
+(2 tasks, CPU only). Skipped where no Slurm controller answers."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gptoss_nemo.cli import main
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return "UP" in ping.stdout
+
+
+# .ci/run starts Slurm (as root) and sets GPTOSS_NEMO_CI_SLURM=1: then this test must run, not skip.
+pytestmark = pytest.mark.skipif(os.environ.get("GPTOSS_NEMO_CI_SLURM") != "1" and not _slurm_up(),
+                                reason="needs a running Slurm controller (.ci/slurm-up)")
+RECIPE = Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml"
+
+
+def _wait(job: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+        fields = dict(re.findall(r"(\w+)=(\S*)", out))
+        if fields.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+            return fields
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} did not finish in {timeout} s")
+
+
+def test_dry_run_job_with_two_tasks(tiny_ckpt_meta, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run dir"  # a space: the path must survive the script, sbatch and srun
+    assert main(["launch", "sft", str(RECIPE), f"checkpoint={tiny_ckpt_meta}", f"train.out_dir={run}",
+                 "data.train=[synthetic:arithmetic:64]", "cluster.gpus_per_node=2", "parallel.ep=2",
+                 "cluster.time=00:15:00", "cluster.stop_before_limit_s=60", "--dry-run", "--submit",
+                 "--local-spec"]) == 0
+    job = json.loads(capsys.readouterr().out)["submitted"]["jobs"][0]
+    state = _wait(job)
+    log = run / "logs" / f"gptoss-nemo-sft-{job}.out"
+    text = log.read_text() if log.is_file() else "(no log)"
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
+    plans = [json.loads(line)["dry_run"] for line in text.splitlines() if line.startswith('{"dry_run"')]
+    assert len(plans) == 1, text[-3000:]  # rank 0 only
+    plan = plans[0]
+    assert plan["world_size"] == 2 and plan["data_parallel"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1}
+    assert plan["data"]["lines"] == 64 and plan["data"]["bad"] == 0 and plan["micro_batches_per_step"] == 2
+    assert "master " in text and "--requeue" not in (run / "launch" / "sft.sbatch").read_text()
