@@ -112,6 +112,18 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from gptoss_nemo.data.harmony import RenderOptions
+    from gptoss_nemo.evaluate.hf_eval import evaluate, table
+
+    opts = RenderOptions(loss_on=args.loss_on)
+    rows = [evaluate(ckpt, args.data, args.checker, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                     opts=opts) for ckpt in args.ckpt]
+    print(table(rows))
+    print(json.dumps({"eval": rows}))
+    return 0
+
+
 def _launch(args: argparse.Namespace) -> int:
     from gptoss_nemo.launch.stage import launch
 
@@ -178,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
     p.set_defaults(func=_sft)
+
+    p = sub.add_parser("eval", help="validation loss and generation pass rate of Hugging Face gpt-oss checkpoints")
+    p.add_argument("ckpt", nargs="+", help="Hugging Face checkpoint directories (BF16 or MXFP4)")
+    p.add_argument("--data", action="append", required=True,
+                   help="JSONL/parquet conversations or synthetic:arithmetic:N[:SEED] (repeatable)")
+    p.add_argument("--checker", default="arithmetic", help="arithmetic | contains:TEXT | regex:PATTERN")
+    p.add_argument("--samples", type=int, default=64, help="conversations evaluated (the first N)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--loss-on", default="assistant", choices=["assistant", "final", "last_turn"])
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")
     p.add_argument("stage", choices=["sft"])

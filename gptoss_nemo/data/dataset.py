@@ -1,7 +1,7 @@
 """Conversations on disk -> validated, rendered, tokenized, split and packed training sequences.
 
 Sources: JSONL files (one conversation per line), parquet files (a `messages` column, optional `tools`), or
-`synthetic:arithmetic:N` (the checkable task in synthetic.py). A malformed line is reported as `file:line: what is
+`synthetic:arithmetic:N[:SEED]` (the checkable task in synthetic.py). A malformed line is reported as `file:line: what is
 wrong`; if more than `max_bad_fraction` of the lines are malformed the run stops here, before any GPU time.
 """
 
@@ -68,8 +68,11 @@ class DataStats:
 def read_records(source: str) -> Iterator[tuple[str, object]]:
     """(where, record) per conversation; `record` is a DataError when the line cannot even be parsed."""
     if source.startswith(SYNTHETIC):
-        n = int(source[len(SYNTHETIC):])
-        for i, r in enumerate(synthetic.records(n, seed=0)):
+        spec = source[len(SYNTHETIC):].split(":")
+        if not 1 <= len(spec) <= 2 or not all(x.isdigit() for x in spec):
+            raise DataError(f"{source}: use synthetic:arithmetic:N or synthetic:arithmetic:N:SEED (a held-out set: "
+                            "another SEED)")
+        for i, r in enumerate(synthetic.records(int(spec[0]), seed=int(spec[1]) if len(spec) == 2 else 0)):
             yield f"{source}#{i}", r
         return
     path = Path(source)
