@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gptoss_nemo.errors import DeviceError
+from gptoss_nemo.errors import ConfigError, DeviceError
 from gptoss_nemo.parallel.layout import ParallelLayout
 
 
@@ -32,8 +32,14 @@ def env_world_size() -> int:
 
 def _torch_env_from_slurm() -> None:
     if _in_srun_step():
+        if "MASTER_ADDR" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            raise ConfigError("srun step without MASTER_ADDR/MASTER_PORT: launch with `gptoss-nemo launch`, or export "
+                              "MASTER_ADDR (the first node of the allocation) and MASTER_PORT before srun")
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ.get("SLURM_NTASKS", "1"),
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        if os.environ["WORLD_SIZE"] == "1":
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def _free_port() -> int:
