@@ -59,7 +59,7 @@ def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_la
 
 
 def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
-    """Collective. Restores what save_training wrote (RNG only when this rank's file exists)."""
+    """Collective. Restores what save_training wrote (the RNG states only when the world size is unchanged)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, tensor_parallel
 
@@ -79,7 +79,8 @@ def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
     if state["step"] != step:
         raise RuntimeError(f"{path}: holds step {state['step']}, expected {step}")
     rng_file = _rng_file(path, dist.get_rank())
-    if rng_file.is_file():
+    same_world = len(list((Path(path) / "rng").glob("rank_*.pt"))) == dist.get_world_size()
+    if same_world and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
         torch.cuda.set_rng_state(rng["cuda"])

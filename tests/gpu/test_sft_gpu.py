@@ -2,7 +2,8 @@
 
 - one GPU, a few hundred steps: validation loss at least halves; aux loss logged every step; router weights move;
   per-expert load, plots and checkpoints written; the last checkpoint exports to HF BF16;
-- EP2 on two GPUs follows the EP1 loss curve within 1% over the first 20 steps (same seed and data);
+- EP2 on two GPUs follows the EP1 loss curve within 1% over the first 20 steps (same seed and data), and an EP1
+  training checkpoint resumes under EP2 (model and optimizer state resharded) on the same curve;
 - SIGKILL at a random step, then the same command again: it resumes from the newest complete checkpoint and
   reproduces the uninterrupted run's losses from there on.
 
@@ -11,6 +12,7 @@ Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 import importlib.util
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -103,6 +105,17 @@ def test_ep2_follows_ep1_and_sigkill_resume(start_ckpt, tmp_path):
     rel = [abs(a - b) / abs(a) for a, b in zip(l1, l2)]
     result("EP2 vs EP1, 20 steps, lm loss", {"ep1": l1, "ep2": l2, "max_relative_difference": max(rel)})
     assert len(l1) == len(l2) == 20 and max(rel) <= 0.01
+
+    # the EP1 training checkpoint of step 10 (model + distributed-optimizer state) resumed under EP2
+    resharded = tmp_path / "ep1-to-ep2"
+    shutil.copytree(tmp_path / "ep1" / "checkpoints" / "step_0000010", resharded / "checkpoints" / "step_0000010")
+    r = json_line(torchrun(2, *_sft_args(start_ckpt, resharded, *common, "parallel.ep=2"), port=29857, timeout=300),
+                  "sft")
+    later = {x["step"]: x["lm_loss"] for x in read_metrics(resharded / "metrics.jsonl") if x["step"] > 0}
+    rel_later = [abs(later[s] - l1[s - 1]) / l1[s - 1] for s in range(11, 21)]
+    result("EP1 checkpoint (step 10) resumed under EP2, steps 11-20 vs EP1", {
+        "resumed_from": r["resumed_from"], "max_relative_difference": max(rel_later)})
+    assert r["resumed_from"] == 10 and sorted(later) == list(range(11, 21)) and max(rel_later) <= 0.01
 
     # SIGKILL the EP1 run at a random step, run the same command again, compare with the uninterrupted EP1 run
     kill_at = random.Random(time.time_ns()).randint(7, 18)
