@@ -169,18 +169,15 @@ def test_cluster_config_errors_are_config_errors():
 def test_ranks_from_slurm_inside_srun_steps_only(monkeypatch):
     from gptoss_nemo.parallel import setup
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_STEP_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
+    monkeypatch.setattr(os, "environ", env)  # a private environment: the mapping writes into it
     assert (setup.env_rank(), setup.env_world_size()) == (0, 1)  # the batch script itself, not an srun step
-    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    env["SLURM_STEP_ID"] = "0"
     assert (setup.env_rank(), setup.env_world_size()) == (5, 16)
     with pytest.raises(ConfigError, match="srun step without MASTER_ADDR"):
         setup._torch_env_from_slurm()
-    monkeypatch.setenv("MASTER_ADDR", "node-a")
+    env["MASTER_ADDR"] = "node-a"
     setup._torch_env_from_slurm()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "16", "1")
-    monkeypatch.setenv("RANK", "2")  # torchrun's variables win when present
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "1")
+    env["RANK"] = "2"  # torchrun's variables win when present
     assert setup.env_rank() == 2

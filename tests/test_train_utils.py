@@ -129,8 +129,8 @@ import sys
 from pathlib import Path
 import torch.distributed as dist
 from gptoss_nemo.train.stop import stop_requested
-rank, stop = int(sys.argv[1]), Path(sys.argv[2])
-dist.init_process_group("gloo", rank=rank, world_size=2, init_method="tcp://127.0.0.1:29661")
+rank, stop, port = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
 seen = [stop_requested(stop, "cpu")]
 if rank == 0:
     stop.touch()
@@ -145,8 +145,11 @@ def test_stop_request_reaches_every_rank_from_rank_0(tmp_path):
     import subprocess
     import sys
 
-    procs = [subprocess.Popen([sys.executable, "-c", STOP, str(r), str(tmp_path / "STOP")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    from gptoss_nemo.parallel.setup import _free_port
+
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", STOP, str(r), str(tmp_path / "STOP"), port],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-1000:] for _, e in outs)
     assert [o.strip() for o, _ in outs] == ["[False, True, False]"] * 2

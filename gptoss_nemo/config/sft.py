@@ -65,3 +65,8 @@ class SFTRecipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.optimizer.warmup_steps < self.train.steps:
+            raise ConfigError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be >= 0 and below "
+                              f"train.steps={self.train.steps} (warmup, then cosine decay to optimizer.min_lr)")

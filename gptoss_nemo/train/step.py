@@ -60,7 +60,7 @@ def build_training(recipe: SFTRecipe, model):
                         bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True),
         [model])
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=min(o.warmup_steps, steps - 1),
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=steps, lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant")
     config.no_sync_func = model.no_sync

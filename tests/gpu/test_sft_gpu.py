@@ -96,8 +96,8 @@ def test_sft_one_gpu_learns_and_logs(start_ckpt, tiny_with_tokenizer, tmp_path):
 
 @two_gpus
 def test_ep2_follows_ep1_and_sigkill_resume(start_ckpt, tmp_path):
-    common = ("train.steps=20", "train.eval_every=0", "train.save_every=5", "train.plots=false",
-              "train.deterministic=true", "train.keep_last=10")
+    common = ("train.steps=20", "optimizer.warmup_steps=19", "train.eval_every=0", "train.save_every=5",
+              "train.plots=false", "train.deterministic=true", "train.keep_last=10")
     ep1 = _sft(1, start_ckpt, tmp_path / "ep1", *common, port=29853)
     ep2 = _sft(2, start_ckpt, tmp_path / "ep2", *common, "parallel.ep=2", port=29854)
     l1 = [r["lm_loss"] for r in ep1 if r["step"] > 0]

@@ -1,0 +1,59 @@
+"""Quantization formats for the expert MLPs and the ModelOpt configurations that apply them.
+
+    mxfp4        MXFP4 weights (E2M1 values, one E8M0 scale per 32), activations BF16: what openai/gpt-oss
+                 ships and vLLM / SGLang / TensorRT-LLM serve. ModelOpt's MXFP4_MLP_WEIGHT_ONLY_CFG.
+    nvfp4        NVFP4-style weights (E2M1, E4M3 scales), activations BF16: NVFP4_MLP_WEIGHT_ONLY_CFG.
+    nvfp4_w4a4   NVFP4 weights and activations of the MLPs (Blackwell FP4 GEMMs): NVFP4_MLP_ONLY_CFG.
+
+The presets enable every quantizer under `*mlp*` and disable the router (`*router*`), the output layer and
+everything else; in megatron's gpt-oss every MLP is an MoE expert (`decoder.layers.N.mlp.experts...`), so they
+select exactly the expert linear layers (tests/test_qat_config.py checks it against the model's names).
+Formats whose scales are calibrated (`calibrate`) run a forward loop over training batches before QAT / PTQ.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    preset: str  # the name of the config in modelopt.torch.quantization
+    calibrate: bool  # a calibration forward loop is needed (per-tensor amax of NVFP4's second-level scale)
+
+
+FORMATS = {
+    "mxfp4": Format("MXFP4_MLP_WEIGHT_ONLY_CFG", calibrate=False),
+    "nvfp4": Format("NVFP4_MLP_WEIGHT_ONLY_CFG", calibrate=True),
+    "nvfp4_w4a4": Format("NVFP4_MLP_ONLY_CFG", calibrate=True),
+}
+
+
+def modelopt_config(fmt: str) -> dict:
+    """A private copy of ModelOpt's preset for `fmt` (mtq.quantize mutates nothing, but callers may)."""
+    import modelopt.torch.quantization as mtq
+
+    return copy.deepcopy(getattr(mtq, FORMATS[fmt].preset))
+
+
+def enabled_quantizers(config: dict, quantizer_names: list[str]) -> dict[str, dict]:
+    """Which of `quantizer_names` the config enables, with the attributes it sets: the entries of
+    `config["quant_cfg"]` applied in order, later ones overriding earlier ones (ModelOpt's rule), name patterns
+    matched with fnmatch. Entries restricted to a module class (`parent_class`) are skipped: none of them names a
+    class in megatron's gpt-oss."""
+    state: dict[str, dict | None] = {n: None for n in quantizer_names}
+    for entry in config["quant_cfg"]:
+        if "parent_class" in entry:
+            continue
+        pattern = entry["quantizer_name"]
+        for name in quantizer_names:
+            if fnmatch.fnmatch(name, pattern):
+                if entry.get("enable", True) is False:
+                    state[name] = None
+                elif "cfg" in entry:
+                    state[name] = dict(entry["cfg"])
+                elif entry.get("enable") is True:
+                    state[name] = state[name] or {}
+    return {n: cfg for n, cfg in state.items() if cfg is not None}

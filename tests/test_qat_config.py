@@ -1,0 +1,70 @@
+"""QAT recipe validation and the ModelOpt configurations: each format quantizes exactly the expert linear layers
+of megatron's gpt-oss (names from the conversion table, local and TE specs), never the router, attention,
+embedding or output layer."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.qat import QATRecipe
+from gptoss_nemo.convert.mapping import megatron_param_names
+from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.model.presets import tiny
+from gptoss_nemo.parallel.layout import ParallelLayout
+from gptoss_nemo.quantize.formats import FORMATS, enabled_quantizers, modelopt_config
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml"
+
+
+def _quantizers(te: bool) -> list[str]:
+    """Quantizer names ModelOpt gives megatron's linear layers (and the router's weight): <module>.{weight,input,
+    output}_quantizer; TE's grouped experts are one module per layer (weights weight0..weightN)."""
+    index = ParallelLayout().owned(tiny(), ep_rank=0, pp_rank=0)
+    params = megatron_param_names(index, te=te, pre_process=True, post_process=True)
+    linear = re.compile(r"^(.*\.(?:linear_qkv|linear_proj|linear_fc1|linear_fc2|router)|output_layer)\.weight\d*$")
+    modules = {m.group(1) for p in params if (m := linear.match(p))}
+    return sorted(f"{m}.{q}_quantizer" for m in modules for q in ("weight", "input", "output"))
+
+
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_presets_quantize_exactly_the_experts(fmt, te):
+    names = _quantizers(te)
+    enabled = enabled_quantizers(modelopt_config(fmt), names)
+    experts = [n for n in names if ".mlp.experts." in n and n.endswith("weight_quantizer")]
+    assert len(experts) == 4 * (2 if te else 16) and any(".router." in n for n in names)
+    assert experts and set(experts) <= set(enabled)
+    for name, cfg in enabled.items():
+        assert ".mlp.experts." in name, name  # nothing outside the experts
+        assert tuple(cfg["num_bits"]) == (2, 1)  # E2M1 values
+    inputs = {n for n in enabled if n.endswith("input_quantizer")}
+    assert bool(inputs) == (fmt == "nvfp4_w4a4")  # activations only in w4a4
+    if fmt == "mxfp4":
+        cfg = enabled[experts[0]]
+        assert cfg["block_sizes"][-1] == 32 and tuple(cfg["block_sizes"]["scale_bits"]) == (8, 0)  # E8M0 per 32
+
+
+def _recipe(*overrides):
+    return load_recipe(QATRecipe, RECIPE, ["checkpoint=x", *overrides])
+
+
+def test_qat_defaults():
+    r = _recipe("optimizer.lr=1e-5", "optimizer.min_lr=1e-6", "optimizer.warmup_steps=10")
+    assert r.quant.format == "mxfp4" and r.quant.modules == ["experts"] and not FORMATS["mxfp4"].calibrate
+    assert QATRecipe(checkpoint="x", data=r.data).optimizer.lr == 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quant.format=int4"], "quant.format='int4'; use one of mxfp4, nvfp4, nvfp4_w4a4"),
+    (["quant.modules=[experts,router]"], "quant.modules has 'router': the router stays BF16"),
+    (["quant.modules=[attention]"], "attention stays BF16"),
+    (["quant.modules=[]"], "quant.modules is empty"),
+    (["optimizer.lr=3e-4"], "optimizer.lr=0.0003 is too high for QAT"),
+    (["optimizer.warmup_steps=300"], "optimizer.warmup_steps=300 must be >= 0 and below train.steps=300"),
+    (["optimizer.lr=1e-5", "optimizer.min_lr=1e-4"], "optimizer.min_lr=0.0001 must be in (0, optimizer.lr=1e-05]"),
+])
+def test_bad_qat_recipes(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _recipe("optimizer.lr=1e-5", "optimizer.min_lr=1e-6", *overrides)
