@@ -41,20 +41,21 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gptoss_nemo.convert.hf_export import run_export_bf16
+    from gptoss_nemo.convert.hf_export import run_export
 
-    path = _distributed(run_export_bf16, args.ckpt, args.out_dir, args)
+    path = _distributed(run_export, args.ckpt, args.out_dir, args, fmt=args.format)
     if _rank0():
-        print(f"wrote BF16 Hugging Face checkpoint to {path}")
+        print(f"wrote {args.format.upper()} Hugging Face checkpoint to {path}")
     return 0
 
 
-def _distributed(run, src: str, dst: str, args: argparse.Namespace):
+def _distributed(run, src: str, dst: str, args: argparse.Namespace, **kwargs):
     """Run a multi-rank stage command; the process group is torn down however it ends."""
     from gptoss_nemo.parallel.setup import shutdown
 
     try:
-        return run(src, dst, _layout(args), overwrite=args.overwrite, use_te=False if args.local_spec else None)
+        return run(src, dst, _layout(args), overwrite=args.overwrite, use_te=False if args.local_spec else None,
+                   **kwargs)
     finally:
         shutdown()
 
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
     p.add_argument("ckpt")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=["bf16"], default="bf16", help="bf16: dequantized experts")
+    p.add_argument("--format", choices=["bf16", "mxfp4"], default="bf16",
+                   help="bf16: dequantized experts; mxfp4: experts in openai/gpt-oss's MXFP4 layout (QAT's values)")
     p.add_argument("--overwrite", action="store_true")
     _parallel_args(p)
     p.set_defaults(func=_export)

@@ -1,7 +1,8 @@
-"""Write a Hugging Face BF16 gpt-oss checkpoint from a megatron model sharded in any layout.
+"""Write a Hugging Face gpt-oss checkpoint (BF16, or MXFP4 experts) from a megatron model sharded in any layout.
 
-Every rank calls `export_hf_bf16`; rank 0 writes, shard by shard, into a directory that appears only when
-complete (config.json without quantization_config, the side files of the source checkpoint, the index).
+Every rank calls `export_hf`; rank 0 writes, shard by shard, into a directory that appears only when complete
+(config.json — with the openai/gpt-oss `quantization_config` for MXFP4, without for BF16 — the side files of the
+source checkpoint, the index). MXFP4: convert/to_mxfp4.py, applied layer by layer as the tensors arrive.
 """
 
 from __future__ import annotations
@@ -14,18 +15,23 @@ from gptoss_nemo.checkpoint.hf_layout import check_checkpoint, copy_side_files
 from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check_target, write_shards
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
+from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
 from gptoss_nemo.model.build import resolve_use_te
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import all_coords, current_coords
 
 
-def export_hf_bf16(
+FORMATS = ("bf16", "mxfp4")
+
+
+def export_hf(
     model: torch.nn.Module,
     cfg: GptOssConfig,
     layout: ParallelLayout,
     out_dir: str | Path,
     *,
+    fmt: str = "bf16",
     side_files_from: str | Path | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -40,8 +46,8 @@ def export_hf_bf16(
     tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))
     if me.rank == 0:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            write_shards(tensors, tmp, max_shard_bytes)
-            cfg.replace(quantized=False).save(tmp)
+            write_shards(to_mxfp4(tensors) if fmt == "mxfp4" else tensors, tmp, max_shard_bytes)
+            cfg.replace(quantized=fmt == "mxfp4").save(tmp)
             if side_files_from is not None:
                 copy_side_files(side_files_from, tmp)
             check_checkpoint(tmp)
@@ -52,9 +58,9 @@ def export_hf_bf16(
     return Path(out_dir)
 
 
-def run_export_bf16(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *,
-                    overwrite: bool = False, use_te: bool | None = None) -> Path:
-    """`gptoss-nemo export --format bf16`: a gptoss-nemo checkpoint -> HF BF16, spread over `layout`."""
+def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *, fmt: str = "bf16",
+               overwrite: bool = False, use_te: bool | None = None) -> Path:
+    """`gptoss-nemo export --format bf16|mxfp4`: a gptoss-nemo checkpoint -> HF, spread over `layout`."""
     from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, load_dist_checkpoint, read_dist_checkpoint_config
     from gptoss_nemo.model.build import build_rank_model
     from gptoss_nemo.parallel.setup import env_world_size, init_distributed
@@ -65,4 +71,5 @@ def run_export_bf16(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelL
     init_distributed(layout)
     model = build_rank_model(cfg, layout, use_te=use_te)
     load_dist_checkpoint(model, ckpt_dir)
-    return export_hf_bf16(model, cfg, layout, out_dir, side_files_from=Path(ckpt_dir) / HF_SUBDIR, overwrite=overwrite)
+    return export_hf(model, cfg, layout, out_dir, fmt=fmt, side_files_from=Path(ckpt_dir) / HF_SUBDIR,
+                     overwrite=overwrite)

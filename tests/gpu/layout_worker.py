@@ -11,7 +11,7 @@ from parity import bit_identical, fp32_copy, megatron_logits, parity_report, tok
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
-from gptoss_nemo.convert.hf_export import export_hf_bf16
+from gptoss_nemo.convert.hf_export import export_hf
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
 from gptoss_nemo.model.build import build_rank_model
@@ -59,7 +59,7 @@ if not args.no_parity:
     result["parity"] = next(f for f in findings if f is not None)
 
 if args.export:
-    export_hf_bf16(model, cfg, layout, args.export)
+    export_hf(model, cfg, layout, args.export)
     if me.rank == 0:
         result["export_vs_reference"] = bit_identical(read_tensors(args.export), read_tensors(args.reference))
 

@@ -12,9 +12,10 @@ import torch
 from launch import json_line, result, torchrun
 from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, token_ids
 
+from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
-from gptoss_nemo.convert.hf_export import export_hf_bf16
+from gptoss_nemo.convert.hf_export import export_hf
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
 from gptoss_nemo.model.hf_config import GptOssConfig
@@ -60,7 +61,7 @@ def test_export_equals_transformers_dequantization(megatron_parallel, ckpts, tmp
     from transformers import GptOssForCausalLM, Mxfp4Config
 
     mx, bf, cfg = ckpts
-    export_hf_bf16(_loaded(cfg, mx), cfg, ParallelLayout(), tmp_path / "out")
+    export_hf(_loaded(cfg, mx), cfg, ParallelLayout(), tmp_path / "out")
     ref = GptOssForCausalLM.from_pretrained(mx, dtype=torch.bfloat16,
                                             quantization_config=Mxfp4Config(dequantize=True)).state_dict()
     r = bit_identical(read_tensors(tmp_path / "out"), {k: v.contiguous() for k, v in ref.items()})
@@ -100,6 +101,17 @@ def test_import_and_export_commands_one_gpu(ckpts, tmp_path):
     r = bit_identical(read_tensors(tmp_path / "hf"), read_tensors(bf))
     result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
     assert r["identical"] == r["tensors"]
+    # MXFP4 export of the same checkpoint: the dequantized experts are the imported values (they lie on the grid)
+    torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf-mxfp4"), "--format",
+             "mxfp4", "--local-spec", port=29813)
+    packed = read_tensors(tmp_path / "hf-mxfp4")
+    dequant = {k[:-len("_blocks")]: mxfp4.dequantize(v, packed[k[:-len("_blocks")] + "_scales"]).transpose(-1, -2)
+               for k, v in packed.items() if k.endswith("_blocks")}
+    want = {k: v for k, v in read_tensors(bf).items() if k in dequant}
+    same = sum(torch.equal(dequant[k], want[k]) for k in want)
+    result("import -> dist ckpt -> export MXFP4, dequantized experts vs BF16 checkpoint",
+           {"experts": len(want), "identical": same})
+    assert len(want) == 8 and same == len(want)
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
