@@ -51,25 +51,30 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return out.reshape(*prefix, groups * half * 2)
 
 
+# Midpoints between consecutive E2M1 magnitudes; at a midpoint (a tie) the even code wins, so the comparison is
+# `>=` where the upper code is even and `>` where it is odd.
+_MIDPOINTS = tuple((lo + hi) / 2 for lo, hi in zip(FP4_MAGNITUDES, FP4_MAGNITUDES[1:]))
+
+
 def _e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 code for each element of x (|x| <= 6), ties to the even code."""
-    mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=x.device)
-    a = x.abs().clamp(max=E2M1_MAX)
-    below = torch.searchsorted(mags, a.contiguous(), right=True) - 1  # largest code with value <= a
-    above = (below + 1).clamp(max=len(FP4_MAGNITUDES) - 1)
-    d_below, d_above = a - mags[below], mags[above] - a
-    pick_above = (d_above < d_below) | ((d_above == d_below) & (above % 2 == 0) & (above != below))
-    code = torch.where(pick_above, above, below)
-    sign = (torch.signbit(x) & (code != 0)).to(torch.int64) << 3  # no negative zero codes
-    return (code | sign).to(torch.uint8)
+    a = x.abs().float()
+    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for k, mid in enumerate(_MIDPOINTS):
+        code += (a >= mid) if (k + 1) % 2 == 0 else (a > mid)
+    sign = (torch.signbit(x) & (code != 0)).to(torch.uint8) << 3  # no negative zero codes
+    return code | sign
 
 
 def block_scales(w: torch.Tensor) -> torch.Tensor:
-    """Unbiased E8M0 exponent per block of 32 along the last dim: ceil(log2(amax / 6)), at least -127."""
+    """Unbiased E8M0 exponent per block of 32 along the last dim: ceil(log2(amax / 6)), at least -127; computed
+    exactly from the binary exponent (frexp), the same on every device."""
     blocks = w.float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=-1)
-    exp = torch.ceil(torch.log2(amax / E2M1_MAX)).clamp(min=-E8M0_BIAS, max=E8M0_BIAS)
-    return exp.to(torch.int32)
+    mantissa, exp = torch.frexp(amax / E2M1_MAX)  # amax / 6 = mantissa * 2**exp, mantissa in [0.5, 1)
+    exp = torch.where(mantissa == 0.5, exp - 1, exp)  # an exact power of two: log2 is exp - 1
+    exp = torch.where(amax == 0, torch.full_like(exp, -E8M0_BIAS), exp)
+    return exp.clamp(min=-E8M0_BIAS, max=E8M0_BIAS).to(torch.int32)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
