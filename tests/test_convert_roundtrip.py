@@ -152,6 +152,7 @@ GATHER = textwrap.dedent("""
     else:
         assert not got
     dist.barrier()
+    dist.destroy_process_group()  # exiting with a live gloo group can abort ("terminate called ...")
 """)
 
 

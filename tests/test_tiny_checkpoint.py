@@ -80,6 +80,8 @@ with collective_atomic_dir(target) as tmp:
     (tmp / f"rank{rank}").write_text(str(rank))
     assert not (tmp.parent / "out").exists()  # nothing at the target while any rank is writing
 assert sorted(p.name for p in (tmp.parent / "out").iterdir()) == ["rank0", "rank1", "rank2"]
+dist.barrier()
+dist.destroy_process_group()  # exiting with a live gloo group can abort ("terminate called ...")
 """
 
 

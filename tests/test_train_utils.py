@@ -137,7 +137,9 @@ if rank == 0:
 dist.barrier()
 seen.append(stop_requested(stop, "cpu"))
 seen.append(stop_requested(None, "cpu"))
-print(seen)
+print(seen, flush=True)
+dist.barrier()
+dist.destroy_process_group()  # exiting with a live gloo group can abort ("terminate called ...")
 """
 
 
