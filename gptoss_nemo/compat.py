@@ -38,7 +38,8 @@ and is called by the model builder; it returns the names of the patches in effec
    parameters at step 10 it reads 13, not 11), so the bias correction after a resume is wrong and the resumed
    losses drift from the uninterrupted run's (GPU tier: equal up to the first step after the checkpoint, then
    off by 1.6e-4 relative and growing). `unshare_adamw_steps` gives every parameter its own copy after the
-   load; reproduced with plain torch on CPU by tests/test_compat.py. Applied only without Apex/TE.
+   load; reproduced with plain torch on CPU by tests/test_compat.py. It acts only where it finds a shared tensor
+   (the Apex/TE optimizers keep `step` in their param groups, so there it finds none).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def fill_empty_optimizer_state(optimizer) -> bool:
     if dopt.HAVE_APEX_OR_TE or _STEP_ASSERT not in inspect.getsource(dopt.DistributedOptimizer.state_dict):
         return False
     done = False
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, dopt.DistributedOptimizer) and not opt.optimizer.state:
+    for opt, inner in _inner_torch_optimizers(optimizer):
+        if isinstance(opt, dopt.DistributedOptimizer) and not inner.state:
             opt._init_optimizer_states_with_dummy_values()
             done = True
     return done

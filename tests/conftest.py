@@ -39,17 +39,10 @@ def harmony(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt_meta(tiny_mxfp4, tmp_path_factory):
-    """The CPU-readable part of a gptoss-nemo checkpoint of the tiny model (gptoss_nemo.json, hf/ config and
-    tokenizer; no tensors): enough for every check made before a GPU is used."""
-    import json
+    """The CPU-readable part of a gptoss-nemo checkpoint of the tiny model, with its tokenizer (ckpt_meta.py)."""
+    from ckpt_meta import write_ckpt_meta
 
-    from gptoss_nemo.checkpoint.hf_layout import copy_side_files
-    from gptoss_nemo.convert.dist_checkpoint import FORMAT, HF_SUBDIR, META_FILE
     from gptoss_nemo.model.hf_config import GptOssConfig
 
-    d = tmp_path_factory.mktemp("ckpt-meta") / "tiny-ckpt"
-    (d / HF_SUBDIR).mkdir(parents=True)
-    (d / META_FILE).write_text(json.dumps({"format": FORMAT}))
-    GptOssConfig.from_file(tiny_mxfp4).replace(quantized=False).save(d / HF_SUBDIR)
-    copy_side_files(tiny_mxfp4, d / HF_SUBDIR)
-    return d
+    return write_ckpt_meta(tmp_path_factory.mktemp("ckpt-meta") / "tiny-ckpt", GptOssConfig.from_file(tiny_mxfp4),
+                           side_files_from=tiny_mxfp4)

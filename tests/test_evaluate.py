@@ -38,7 +38,8 @@ def test_prompt_is_the_rendered_conversation_up_to_the_answer():
 
 
 def test_final_answer_parsing():
-    gen = "<|channel|>analysis<|message|>12 + 30 = 42.<|end|><|start|>assistant<|channel|>final<|message|> 42 <|return|>"
+    gen = ("<|channel|>analysis<|message|>12 + 30 = 42.<|end|>"
+           "<|start|>assistant<|channel|>final<|message|> 42 <|return|>")
     assert final_answer(gen) == "42"
     assert final_answer("<|channel|>final<|message|>4") == "4"  # cut by max_new_tokens
     assert final_answer("<|channel|>analysis<|message|>thinking...") == ""

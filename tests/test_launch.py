@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_meta import write_ckpt_meta
+
 from gptoss_nemo.cli import main
 from gptoss_nemo.config.cluster import ClusterConfig
 from gptoss_nemo.config.load import load_recipe
 from gptoss_nemo.config.sft import SFTRecipe
-from gptoss_nemo.convert.dist_checkpoint import FORMAT, HF_SUBDIR, META_FILE
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script
 from gptoss_nemo.model.presets import preset
@@ -26,11 +27,7 @@ HOSTILE = "run dir $(touch PWNED) `touch PWNED2` 'q\""
 @pytest.fixture(scope="module")
 def ckpt_120b(tmp_path_factory):
     """What launch reads of a gptoss-nemo checkpoint: its metadata and model config (gpt-oss-120b shape)."""
-    d = tmp_path_factory.mktemp("launch") / "ckpt-120b"
-    (d / HF_SUBDIR).mkdir(parents=True)
-    (d / META_FILE).write_text(json.dumps({"format": FORMAT}))
-    preset("gpt-oss-120b").save(d / HF_SUBDIR)
-    return d
+    return write_ckpt_meta(tmp_path_factory.mktemp("launch") / "ckpt-120b", preset("gpt-oss-120b"))
 
 
 def _fake_slurm(bin_dir: Path) -> Path:

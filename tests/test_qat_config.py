@@ -2,6 +2,7 @@
 of megatron's gpt-oss (names from the conversion table, local and TE specs), never the router, attention,
 embedding or output layer."""
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -13,9 +14,30 @@ from gptoss_nemo.convert.mapping import megatron_param_names
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.presets import tiny
 from gptoss_nemo.parallel.layout import ParallelLayout
-from gptoss_nemo.quantize.formats import FORMATS, enabled_quantizers, modelopt_config
+from gptoss_nemo.quantize.formats import FORMATS, modelopt_config
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml"
+
+
+def enabled_quantizers(config: dict, quantizer_names: list[str]) -> dict[str, dict]:
+    """Which of `quantizer_names` the config enables, with the attributes it sets: the entries of
+    `config["quant_cfg"]` applied in order, later ones overriding earlier ones (ModelOpt's rule), name patterns
+    matched with fnmatch. Entries restricted to a module class (`parent_class`) are skipped: none of them names a
+    class in megatron's gpt-oss."""
+    state: dict[str, dict | None] = {n: None for n in quantizer_names}
+    for entry in config["quant_cfg"]:
+        if "parent_class" in entry:
+            continue
+        pattern = entry["quantizer_name"]
+        for name in quantizer_names:
+            if fnmatch.fnmatch(name, pattern):
+                if entry.get("enable", True) is False:
+                    state[name] = None
+                elif "cfg" in entry:
+                    state[name] = dict(entry["cfg"])
+                elif entry.get("enable") is True:
+                    state[name] = state[name] or {}
+    return {n: cfg for n, cfg in state.items() if cfg is not None}
 
 
 def _quantizers(te: bool) -> list[str]:

@@ -56,6 +56,14 @@ class TrainConfig:
                               f"train.micro_batch_size={self.micro_batch_size}")
 
 
+def check_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, world: int | None = None) -> None:
+    """The global batch must split into whole micro-batches on every data-parallel rank."""
+    if global_batch_size % (micro_batch_size * dp):
+        where = f" (world size {world} / tp*pp)" if world is not None else ""
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not a multiple of train.micro_batch_size="
+                          f"{micro_batch_size} x data-parallel size {dp}{where}")
+
+
 @dataclass(kw_only=True, slots=True)
 class SFTRecipe:
     checkpoint: str  # a gptoss-nemo checkpoint (gptoss-nemo import) to start from
@@ -70,3 +78,10 @@ class SFTRecipe:
         if not 0 <= self.optimizer.warmup_steps < self.train.steps:
             raise ConfigError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be >= 0 and below "
                               f"train.steps={self.train.steps} (warmup, then cosine decay to optimizer.min_lr)")
+
+    def check_layout(self, cfg, world: int, te: bool) -> int:
+        """The layout against the model and a world size, and the batch split; returns the data-parallel size."""
+        self.parallel.validate(cfg, world, te=te)
+        dp = world // (self.parallel.tp * self.parallel.pp)
+        check_batch_split(self.train.global_batch_size, self.train.micro_batch_size, dp, world)
+        return dp

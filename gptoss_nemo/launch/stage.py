@@ -25,11 +25,7 @@ def check_allocation(recipe: SFTRecipe, world: int, te: bool) -> None:
     from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
 
     cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
-    recipe.parallel.validate(cfg, world, te=te)
-    t, dp = recipe.train, world // (recipe.parallel.tp * recipe.parallel.pp)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-                          f"{t.micro_batch_size} x data-parallel size {dp} (cluster world size {world} / tp*pp)")
+    recipe.check_layout(cfg, world, te=te)
 
 
 def check_visible(recipe: SFTRecipe, workdir: Path) -> None:

@@ -7,14 +7,13 @@
 
 The presets enable every quantizer under `*mlp*` and disable the router (`*router*`), the output layer and
 everything else; in megatron's gpt-oss every MLP is an MoE expert (`decoder.layers.N.mlp.experts...`), so they
-select exactly the expert linear layers (tests/test_qat_config.py checks it against the model's names).
+select exactly the expert linear layers (tests/test_qat_config.py applies their rules to the model's names).
 Formats whose scales are calibrated (`calibrate`) run a forward loop over training batches before QAT / PTQ.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 
 
@@ -36,24 +35,3 @@ def modelopt_config(fmt: str) -> dict:
     import modelopt.torch.quantization as mtq
 
     return copy.deepcopy(getattr(mtq, FORMATS[fmt].preset))
-
-
-def enabled_quantizers(config: dict, quantizer_names: list[str]) -> dict[str, dict]:
-    """Which of `quantizer_names` the config enables, with the attributes it sets: the entries of
-    `config["quant_cfg"]` applied in order, later ones overriding earlier ones (ModelOpt's rule), name patterns
-    matched with fnmatch. Entries restricted to a module class (`parent_class`) are skipped: none of them names a
-    class in megatron's gpt-oss."""
-    state: dict[str, dict | None] = {n: None for n in quantizer_names}
-    for entry in config["quant_cfg"]:
-        if "parent_class" in entry:
-            continue
-        pattern = entry["quantizer_name"]
-        for name in quantizer_names:
-            if fnmatch.fnmatch(name, pattern):
-                if entry.get("enable", True) is False:
-                    state[name] = None
-                elif "cfg" in entry:
-                    state[name] = dict(entry["cfg"])
-                elif entry.get("enable") is True:
-                    state[name] = state[name] or {}
-    return {n: cfg for n, cfg in state.items() if cfg is not None}

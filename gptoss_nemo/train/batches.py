@@ -12,6 +12,7 @@ import random
 
 import torch
 
+from gptoss_nemo.config.sft import check_batch_split
 from gptoss_nemo.data.packing import Sequence
 from gptoss_nemo.errors import ConfigError
 
@@ -19,9 +20,7 @@ from gptoss_nemo.errors import ConfigError
 class GlobalBatches:
     def __init__(self, sequences: list[Sequence], global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int):
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ConfigError(f"train.global_batch_size={global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size={micro_batch_size} x data-parallel size {dp_size}")
+        check_batch_split(global_batch_size, micro_batch_size, dp_size)
         if not sequences:
             raise ConfigError("no training sequences")
         self.seqs, self.gbs, self.mbs = sequences, global_batch_size, micro_batch_size

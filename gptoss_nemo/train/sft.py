@@ -57,11 +57,7 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
     t = recipe.train
     cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
     world, use_te = env_world_size(), resolve_use_te(use_te)
-    recipe.parallel.validate(cfg, world, te=use_te)
-    dp = world // (recipe.parallel.tp * recipe.parallel.pp)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-                          f"{t.micro_batch_size} x data-parallel size {dp} (world {world} / tp*pp)")
+    dp = recipe.check_layout(cfg, world, te=use_te)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}")
@@ -177,9 +173,10 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
                **throughput(cfg, seq, t.global_batch_size, row["seconds"], p.world)}
         if (step + 1) % t.log_every == 0:
             counts = counter.take()
-            for layer in summarize(counts):
+            loads = summarize(counts)
+            for layer in loads:
                 row[f"expert_max_over_mean/layer_{layer.layer}"] = layer.max_over_mean
-            for line in warnings(summarize(counts), t.expert_max_share):
+            for line in warnings(loads, t.expert_max_share):
                 if rank0:
                     log.warning("step %d: %s", step + 1, line)
             if rank0:
