@@ -88,28 +88,33 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sft(args: argparse.Namespace) -> int:
+def _train_stage(args: argparse.Namespace) -> int:
+    """sft, qat (the SFT loop on a fake-quantized model) and ptq (quantize, no training)."""
     import logging
 
     from gptoss_nemo.config.load import load_recipe
-    from gptoss_nemo.config.sft import SFTRecipe
+    from gptoss_nemo.launch.stage import STAGES
     from gptoss_nemo.parallel.setup import shutdown
     from gptoss_nemo.train.sft import dry_run, run_sft
 
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
-    recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+    recipe = load_recipe(STAGES[args.command], args.recipe, args.overrides)
     use_te = False if args.local_spec else None
     if args.dry_run:
         plan = dry_run(recipe, use_te)
         if _rank0():
             print(json.dumps({"dry_run": plan}))
         return 0
+    if args.command == "ptq":
+        from gptoss_nemo.quantize.qat import run_ptq as run
+    else:
+        run = run_sft
     try:
-        summary = run_sft(recipe, use_te=use_te)
+        summary = run(recipe, use_te=use_te)
     finally:
         shutdown()
     if _rank0():
-        print(json.dumps({"sft": {"out_dir": recipe.train.out_dir, **summary}}))
+        print(json.dumps({args.command: {"out_dir": recipe.train.out_dir, **summary}}))
     return 0
 
 
@@ -119,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = RenderOptions(loss_on=args.loss_on)
     rows = [evaluate(ckpt, args.data, args.checker, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                     opts=opts) for ckpt in args.ckpt]
+                     opts=opts, use_te=False if args.local_spec else None) for ckpt in args.ckpt]
     print(table(rows))
     print(json.dumps({"eval": rows}))
     return 0
@@ -183,27 +188,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-spec", action="store_true", help="plan for megatron's local spec instead of TE")
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("sft", help="BF16 fine-tuning with the router and its load-balancing loss (torchrun/srun)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--local-spec", action="store_true",
-                   help="megatron's local layer spec even when Transformer Engine imports")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
-    p.set_defaults(func=_sft)
+    for stage, text in (("sft", "BF16 fine-tuning with the router and its load-balancing loss (torchrun/srun)"),
+                        ("qat", "quantization-aware training (ModelOpt MXFP4/NVFP4 fake quant on the experts) of an "
+                                "SFT checkpoint (torchrun/srun)"),
+                        ("ptq", "post-training quantization of an SFT checkpoint, no training (torchrun/srun)")):
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*", help="section.key=value")
+        p.add_argument("--local-spec", action="store_true",
+                       help="megatron's local layer spec even when Transformer Engine imports")
+        p.add_argument("--dry-run", action="store_true",
+                       help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
+        p.set_defaults(func=_train_stage)
 
     p = sub.add_parser("eval", help="validation loss and generation pass rate of Hugging Face gpt-oss checkpoints")
-    p.add_argument("ckpt", nargs="+", help="Hugging Face checkpoint directories (BF16 or MXFP4)")
+    p.add_argument("ckpt", nargs="+", help="Hugging Face checkpoint directories (BF16 or MXFP4), or gptoss-nemo "
+                   "checkpoints (BF16, PTQ, QAT: exported in-process on one GPU first)")
     p.add_argument("--data", action="append", required=True,
                    help="JSONL/parquet conversations or synthetic:arithmetic:N[:SEED] (repeatable)")
     p.add_argument("--checker", default="arithmetic", help="arithmetic | contains:TEXT | regex:PATTERN")
     p.add_argument("--samples", type=int, default=64, help="conversations evaluated (the first N)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--loss-on", default="assistant", choices=["assistant", "final", "last_turn"])
+    p.add_argument("--local-spec", action="store_true", help="export gptoss-nemo checkpoints with megatron's local spec")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")
-    p.add_argument("stage", choices=["sft"])
+    p.add_argument("stage", choices=["sft", "qat", "ptq"])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("out_dir")
     p.add_argument("--format", choices=["bf16", "mxfp4"], default="bf16",
-                   help="bf16: dequantized experts; mxfp4: experts in openai/gpt-oss's MXFP4 layout (QAT's values)")
+                   help="bf16: the experts as the model computes with them (a QAT/PTQ checkpoint's fake-quantized "
+                        "weights); mxfp4: experts in openai/gpt-oss's MXFP4 layout (exactly QAT's values)")
     p.add_argument("--overwrite", action="store_true")
     _parallel_args(p)
     p.set_defaults(func=_export)

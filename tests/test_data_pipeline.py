@@ -108,3 +108,21 @@ def test_synthetic_task_is_checkable():
     answer = r[0]["messages"][-1]["content"]
     assert synthetic.answer_is_correct(r[0], f"The answer is {answer}")
     assert not synthetic.answer_is_correct(r[0], str(int(answer) + 1)) and not synthetic.answer_is_correct(r[0], "")
+
+
+def test_synthetic_digits():
+    import re
+
+    from gptoss_nemo.data.dataset import read_records
+    from gptoss_nemo.errors import DataError
+
+    def operands(source):
+        return [int(x) for _, r in read_records(source) for x in re.findall(r"\d+", r["messages"][1]["content"])]
+
+    assert operands("synthetic:arithmetic:50:4") == operands("synthetic:arithmetic:50:4:3")  # the default
+    assert max(operands("synthetic:arithmetic:200:4:1")) <= 9 and min(operands("synthetic:arithmetic:200:4:3")) >= 10
+    two = operands("synthetic:arithmetic:200:4:2")
+    assert 10 <= min(two) and max(two) <= 99
+    for bad in ("synthetic:arithmetic:5:1:4", "synthetic:arithmetic:5:1:1:1"):
+        with pytest.raises(DataError, match="N:SEED:DIGITS"):
+            list(read_records(bad))

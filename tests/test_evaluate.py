@@ -69,9 +69,17 @@ def test_eval_mxfp4_equals_bf16_and_matches_transformers_loss(tiny_mxfp4, tiny_b
     assert count == bf["loss_tokens"] and abs(total / count - bf["val_loss"]) < 1e-4
 
 
-def test_eval_refuses_bad_input_before_loading(tiny_ckpt_meta, tiny_bf16, capsys):
+def test_eval_refuses_bad_input_before_loading(tiny_ckpt_meta, tiny_mxfp4, tiny_bf16, tmp_path, capsys):
+    from ckpt_meta import write_ckpt_meta
+
+    from gptoss_nemo.model.hf_config import GptOssConfig
+
+    # a gptoss-nemo checkpoint is exported on a GPU first; here there is none: one line says so
     assert main(["eval", str(tiny_ckpt_meta), "--data", "synthetic:arithmetic:2"]) == 2
-    assert "gptoss-nemo export" in capsys.readouterr().err
+    assert "needs CUDA GPUs" in capsys.readouterr().err
+    w4a4 = write_ckpt_meta(tmp_path / "w4a4", GptOssConfig.from_file(tiny_mxfp4), tiny_mxfp4, quant="nvfp4_w4a4")
+    assert main(["eval", str(w4a4), "--data", "synthetic:arithmetic:2"]) == 2
+    assert "activations in BF16" in capsys.readouterr().err
     assert main(["eval", str(tiny_bf16), "--data", "synthetic:arithmetic:x"]) == 2
     assert "synthetic:arithmetic:N:SEED" in capsys.readouterr().err
     assert main(["eval", str(tiny_bf16), "--data", "synthetic:arithmetic:2", "--checker", "bogus"]) == 2

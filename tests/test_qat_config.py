@@ -17,6 +17,7 @@ from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.quantize.formats import FORMATS, modelopt_config
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml"
+QAT_RECIPE = RECIPE.with_name("qat_tiny.yaml")
 
 
 def enabled_quantizers(config: dict, quantizer_names: list[str]) -> dict[str, dict]:
@@ -90,3 +91,59 @@ def test_qat_defaults():
 def test_bad_qat_recipes(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         _recipe("optimizer.lr=1e-5", "optimizer.min_lr=1e-6", *overrides)
+
+
+def test_quantized_checkpoints_are_not_a_starting_point(tiny_mxfp4, tmp_path, capsys):
+    """SFT / QAT / PTQ refuse a checkpoint that is already quantized, before any GPU work, with the fix."""
+    from ckpt_meta import write_ckpt_meta
+
+    from gptoss_nemo.cli import main
+    from gptoss_nemo.model.hf_config import GptOssConfig
+
+    qat = write_ckpt_meta(tmp_path / "qat", GptOssConfig.from_file(tiny_mxfp4), tiny_mxfp4, quant="mxfp4")
+    for stage in ("sft", "qat", "ptq"):
+        recipe = RECIPE if stage == "sft" else QAT_RECIPE
+        assert main([stage, str(recipe), f"checkpoint={qat}", "--dry-run", "--local-spec"]) == 2
+        err = capsys.readouterr().err
+        assert "already quantized (mxfp4, by qat)" in err and "start from a BF16 checkpoint" in err, err
+
+
+def test_export_formats_must_represent_the_training(tmp_path):
+    from gptoss_nemo.convert.hf_export import check_format
+
+    check_format(None, "mxfp4", tmp_path)  # BF16 checkpoint: MXFP4 is a PTQ-style export
+    check_format("mxfp4", "mxfp4", tmp_path)
+    check_format("nvfp4", "bf16", tmp_path)
+    with pytest.raises(ConfigError, match="quantize them a second time"):
+        check_format("nvfp4", "mxfp4", tmp_path)
+    with pytest.raises(ConfigError, match="--format int4"):
+        check_format(None, "int4", tmp_path)
+
+
+def test_qat_and_ptq_dry_run(tiny_ckpt_meta, capsys):
+    import json
+
+    from gptoss_nemo.cli import main
+
+    for stage in ("qat", "ptq"):
+        assert main([stage, str(QAT_RECIPE), f"checkpoint={tiny_ckpt_meta}", "--dry-run", "--local-spec"]) == 0
+        plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dry_run"]
+        assert plan["checkpoint"] == str(tiny_ckpt_meta) and plan["data"]["train_sequences"] > 0
+    assert main(["qat", str(RECIPE), f"checkpoint={tiny_ckpt_meta}", "--dry-run", "--local-spec"]) == 2
+    assert "too high for QAT" in capsys.readouterr().err  # the SFT recipe's 3e-4
+    assert main(["ptq", str(QAT_RECIPE), f"checkpoint={tiny_ckpt_meta}", "quant.format=int4", "--dry-run"]) == 2
+    assert "quant.format='int4'" in capsys.readouterr().err
+
+
+def test_quant_error_statistics():
+    import torch
+
+    from gptoss_nemo.quantize.quant_error import element_stats, summarize
+
+    w = torch.tensor([[1.0, -2.0, 0.0, 4.0]])
+    q = torch.tensor([[1.0, -1.5, 0.5, 3.0]])
+    sums, mx = element_stats(w, q)
+    (row,) = summarize(sums[None], mx[None])
+    # relative errors over w != 0: 0, 0.25, 0.25 -> mean 1/6, max 0.25; l2 = sqrt(0 + .25 + .25 + 1) / sqrt(21)
+    assert row["mean_rel"] == pytest.approx(1 / 6) and row["max_rel"] == 0.25
+    assert row["l2_rel"] == pytest.approx((1.5 ** 0.5) / 21 ** 0.5)

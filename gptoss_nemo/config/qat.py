@@ -23,7 +23,7 @@ BF16_ONLY = {
 class QuantConfig:
     format: str = "mxfp4"  # mxfp4 | nvfp4 | nvfp4_w4a4
     modules: list[str] = field(default_factory=lambda: ["experts"])
-    calibration_batches: int = 8  # global batches of the training data, for formats with calibrated scales
+    calibration_batches: int = 8  # global batches of the training data, for formats that quantize activations
 
     def __post_init__(self):
         if self.format not in FORMATS:

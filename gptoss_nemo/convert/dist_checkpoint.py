@@ -4,6 +4,8 @@
     OUT/gptoss_nemo.json      format version, where it came from, the layout it was written with
     OUT/hf/config.json        the gpt-oss model config (BF16, no quantization_config)
     OUT/hf/<side files>       tokenizer, chat template, generation config of the source checkpoint
+    OUT/modelopt_state/       only in a quantized (QAT / PTQ) checkpoint: the ModelOpt quantization config; the
+                              metadata names the format (`"quant": {"format": ..., "stage": ...}`)
 
 Written into a temporary directory and renamed when every rank is done: an interrupted save leaves no
 directory that looks complete.
@@ -39,14 +41,28 @@ def save_dist_checkpoint(
     source: str,
     side_files_from: str | Path | None = None,
     overwrite: bool = False,
+    extra: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it with its own model stage."""
+    """Collective: every rank calls it with its own model stage (a quantized one also saves its ModelOpt state)."""
     from megatron.core import dist_checkpointing
 
     with collective_atomic_dir(out_dir, overwrite=overwrite) as tmp:
         dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
-        write_checkpoint_meta(tmp, cfg, layout=layout, source=source, side_files_from=side_files_from)
+        save_quant_state(model, tmp, extra)
+        write_checkpoint_meta(tmp, cfg, layout=layout, source=source, side_files_from=side_files_from, extra=extra)
     return Path(out_dir)
+
+
+def save_quant_state(model: torch.nn.Module, tmp: Path, extra: dict | None) -> None:
+    """Collective. A quantized model saves its ModelOpt state, and its metadata must say so (and the reverse)."""
+    from gptoss_nemo.quantize import modelopt_state
+
+    gpt = unwrap(model)
+    quantized = modelopt_state.is_quantized(gpt)
+    if quantized != bool((extra or {}).get("quant")):
+        raise RuntimeError(f"saving a {'quantized' if quantized else 'BF16'} model with metadata {extra}")
+    if quantized:
+        modelopt_state.save(gpt, tmp)
 
 
 def write_checkpoint_meta(tmp: Path, cfg: GptOssConfig, *, layout: ParallelLayout, source: str,
@@ -80,12 +96,23 @@ def read_dist_checkpoint_config(ckpt_dir: str | Path) -> tuple[GptOssConfig, dic
     return GptOssConfig.from_file(d / HF_SUBDIR), meta
 
 
+def quant_format(meta: dict) -> str | None:
+    """The quantization format a checkpoint was trained / calibrated with (None for BF16)."""
+    return (meta.get("quant") or {}).get("format")
+
+
 def load_dist_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Collective: fill this rank's model stage from the checkpoint, whatever layout wrote it (an import or a
-    training checkpoint, whose optimizer and scheduler state is left unread)."""
+    training checkpoint, whose optimizer and scheduler state is left unread). A quantized checkpoint's
+    quantizers are restored first, so the model computes as it did when saved."""
     from megatron.core import dist_checkpointing
 
     gpt = unwrap(model)
+    _, meta = read_dist_checkpoint_config(ckpt_dir)
+    if quant_format(meta):
+        from gptoss_nemo.quantize import modelopt_state
+
+        modelopt_state.restore(gpt, ckpt_dir)
     wanted = gpt.sharded_state_dict()
     state = dist_checkpointing.load(wanted, str(ckpt_dir))
     gpt.load_state_dict({k: state[k] for k in wanted}, strict=True)

@@ -3,6 +3,12 @@
 Every rank calls `export_hf`; rank 0 writes, shard by shard, into a directory that appears only when complete
 (config.json — with the openai/gpt-oss `quantization_config` for MXFP4, without for BF16 — the side files of the
 source checkpoint, the index). MXFP4: convert/to_mxfp4.py, applied layer by layer as the tensors arrive.
+
+A quantized (QAT / PTQ) checkpoint exports the weights its forward pass computes with: each expert weight
+through its ModelOpt quantizer (quantize/modelopt_state.py `fake_quant`). `--format bf16` writes those values
+in BF16; `--format mxfp4` packs them (an MXFP4-trained weight packs exactly: the codec reproduces ModelOpt's CUDA
+fake quant, so every dequantized element equals the trained fake-quant value). NVFP4-trained checkpoints export
+to BF16 only until the NVFP4 writer lands.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
 from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
+from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.build import resolve_use_te
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import all_coords, current_coords
+from gptoss_nemo.quantize import modelopt_state
 
 
 FORMATS = ("bf16", "mxfp4")
@@ -43,6 +51,8 @@ def export_hf(
     coords = all_coords(me)
     gpt = unwrap(model)
     local = dict(gpt.named_parameters())
+    if modelopt_state.is_quantized(gpt):
+        local.update(modelopt_state.fake_quant(gpt))
     tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))
     if me.rank == 0:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -61,11 +71,17 @@ def export_hf(
 def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *, fmt: str = "bf16",
                overwrite: bool = False, use_te: bool | None = None) -> Path:
     """`gptoss-nemo export --format bf16|mxfp4`: a gptoss-nemo checkpoint -> HF, spread over `layout`."""
-    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, load_dist_checkpoint, read_dist_checkpoint_config
+    from gptoss_nemo.convert.dist_checkpoint import (
+        HF_SUBDIR,
+        load_dist_checkpoint,
+        quant_format,
+        read_dist_checkpoint_config,
+    )
     from gptoss_nemo.model.build import build_rank_model
     from gptoss_nemo.parallel.setup import env_world_size, init_distributed
 
-    cfg, _meta = read_dist_checkpoint_config(ckpt_dir)
+    cfg, meta = read_dist_checkpoint_config(ckpt_dir)
+    check_format(quant_format(meta), fmt, ckpt_dir)
     layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
     check_target(out_dir, overwrite)
     init_distributed(layout)
@@ -73,3 +89,12 @@ def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout
     load_dist_checkpoint(model, ckpt_dir)
     return export_hf(model, cfg, layout, out_dir, fmt=fmt, side_files_from=Path(ckpt_dir) / HF_SUBDIR,
                      overwrite=overwrite)
+
+
+def check_format(trained: str | None, fmt: str, ckpt_dir) -> None:
+    """An export format must represent what the checkpoint computes with."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    if trained and trained != "mxfp4" and fmt == "mxfp4":
+        raise ConfigError(f"{ckpt_dir} was quantized with {trained}; packing its weights as MXFP4 would quantize them "
+                          "a second time: export --format bf16 (its fake-quantized weights)")

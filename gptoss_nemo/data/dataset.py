@@ -1,7 +1,7 @@
 """Conversations on disk -> validated, rendered, tokenized, split and packed training sequences.
 
 Sources: JSONL files (one conversation per line), parquet files (a `messages` column, optional `tools`), or
-`synthetic:arithmetic:N[:SEED]` (the checkable task in synthetic.py). A malformed line is reported as
+`synthetic:arithmetic:N[:SEED[:DIGITS]]` (the checkable task in synthetic.py). A malformed line is reported as
 `file:line: what is wrong`; if more than `max_bad_fraction` of the lines are malformed the run stops here, before any GPU time.
 """
 
@@ -69,10 +69,13 @@ def read_records(source: str) -> Iterator[tuple[str, object]]:
     """(where, record) per conversation; `record` is a DataError when the line cannot even be parsed."""
     if source.startswith(SYNTHETIC):
         spec = source[len(SYNTHETIC):].split(":")
-        if not 1 <= len(spec) <= 2 or not all(x.isdigit() for x in spec):
-            raise DataError(f"{source}: use synthetic:arithmetic:N or synthetic:arithmetic:N:SEED (a held-out set: "
-                            "another SEED)")
-        for i, r in enumerate(synthetic.records(int(spec[0]), seed=int(spec[1]) if len(spec) == 2 else 0)):
+        if not 1 <= len(spec) <= 3 or not all(x.isdigit() for x in spec) or (
+                len(spec) == 3 and int(spec[2]) not in synthetic.DIGITS):
+            raise DataError(f"{source}: use synthetic:arithmetic:N, synthetic:arithmetic:N:SEED (a held-out set: "
+                            "another SEED) or synthetic:arithmetic:N:SEED:DIGITS (operands of at most DIGITS = 1, 2 "
+                            "or 3 digits)")
+        n, seed, digits = (*map(int, spec), *(0, 3)[len(spec) - 1:])
+        for i, r in enumerate(synthetic.records(n, seed=seed, digits=digits)):
             yield f"{source}#{i}", r
         return
     path = Path(source)

@@ -6,11 +6,18 @@ Face gpt-oss checkpoint (BF16, or MXFP4 dequantized as transformers does), i.e. 
                 final-channel text is judged by the checker against the record (evaluate/checkers.py)
 
 Runs on a GPU when one is visible, else on the CPU (the tiny model takes seconds). A gptoss-nemo (megatron)
-checkpoint is exported first: `gptoss-nemo export CKPT OUT`.
+checkpoint (BF16 SFT, PTQ or QAT) is first exported in this process into a temporary directory, as `gptoss-nemo
+export CKPT OUT --format bf16` writes it (a GPU is needed for that): a quantized checkpoint's experts are its
+fake-quantized weights, which is exactly what its MXFP4 export dequantizes to. Checkpoints with quantized
+activations (nvfp4_w4a4) are refused: transformers would run their activations in BF16.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,12 +48,38 @@ def _records(sources: list[str], samples: int) -> list[tuple[str, dict, object]]
     return out
 
 
+@contextmanager
+def hf_view(ckpt: str | Path, use_te: bool | None = None) -> Iterator[Path]:
+    """A Hugging Face checkpoint as it is; a gptoss-nemo checkpoint exported (BF16, fake-quant experts) into a
+    temporary directory for the duration."""
+    from gptoss_nemo.convert.dist_checkpoint import META_FILE, quant_format, read_dist_checkpoint_config
+
+    ckpt = Path(ckpt)
+    if not (ckpt / META_FILE).is_file():
+        yield ckpt
+        return
+    _, meta = read_dist_checkpoint_config(ckpt)
+    if quant_format(meta) == "nvfp4_w4a4":
+        raise CheckpointError(f"{ckpt}: quantized with nvfp4_w4a4 (activations too); a Hugging Face model would run "
+                              "its activations in BF16, so its numbers would not be the checkpoint's")
+    from gptoss_nemo.convert.hf_export import run_export
+    from gptoss_nemo.parallel.layout import ParallelLayout
+    from gptoss_nemo.parallel.setup import shutdown
+
+    with tempfile.TemporaryDirectory(prefix="gptoss-nemo-eval-") as tmp:
+        env = dict(os.environ)
+        try:
+            out = run_export(ckpt, Path(tmp) / "hf", ParallelLayout(), fmt="bf16", use_te=use_te)
+        finally:
+            shutdown()
+            os.environ.clear()  # a fresh rendezvous (port) for the next export in this process
+            os.environ.update(env)
+        yield out
+
+
 def load_model(ckpt: Path, device: str):
     from transformers import AutoTokenizer, GptOssForCausalLM
 
-    if (ckpt / "gptoss_nemo.json").is_file():
-        raise CheckpointError(f"{ckpt} is a gptoss-nemo (megatron) checkpoint: evaluate its Hugging Face export "
-                              f"(gptoss-nemo export {ckpt} OUT_DIR)")
     cfg = check_checkpoint(ckpt)
     if not (ckpt / "tokenizer.json").is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json; evaluation renders and tokenizes harmony text")
@@ -61,11 +94,13 @@ def load_model(ckpt: Path, device: str):
 
 
 def evaluate(ckpt: str | Path, sources: list[str], checker: str, *, samples: int = 64, max_new_tokens: int = 128,
-             opts: RenderOptions = RenderOptions(), device: str | None = None, show: int = 3) -> dict:
+             opts: RenderOptions = RenderOptions(), device: str | None = None, show: int = 3,
+             use_te: bool | None = None) -> dict:
     check = get_checker(checker)
     records = _records(sources, samples)  # bad input fails before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(Path(ckpt), device)
+    with hf_view(ckpt, use_te) as hf:
+        model, tokenizer = load_model(hf, device)
     loss_sum, loss_tokens, passed, examples = 0.0, 0, 0, []
     for where, record, conv in records:
         ids, mask = encode(conv, tokenizer, opts)
@@ -93,5 +128,5 @@ def table(rows: list[dict]) -> str:
     head = f"{'checkpoint':<48} {'samples':>7} {'val loss':>9} {'pass rate':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{Path(r['checkpoint']).name:<48} {r['samples']:>7} {r['val_loss']:>9.4f} {r['pass_rate']:>9.1%}")
+        lines.append(f"{r['checkpoint'][-48:]:<48} {r['samples']:>7} {r['val_loss']:>9.4f} {r['pass_rate']:>9.1%}")
     return "\n".join(lines)

@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.qat import QATRecipe
 from gptoss_nemo.config.sft import SFTRecipe
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script, submit_chain, write_script
 
-STAGES = {"sft": SFTRecipe}
+STAGES = {"sft": SFTRecipe, "qat": QATRecipe, "ptq": QATRecipe}
 
 
 def check_allocation(recipe: SFTRecipe, world: int, te: bool) -> None:

@@ -8,7 +8,9 @@
 The presets enable every quantizer under `*mlp*` and disable the router (`*router*`), the output layer and
 everything else; in megatron's gpt-oss every MLP is an MoE expert (`decoder.layers.N.mlp.experts...`), so they
 select exactly the expert linear layers (tests/test_qat_config.py applies their rules to the model's names).
-Formats whose scales are calibrated (`calibrate`) run a forward loop over training batches before QAT / PTQ.
+Weight scales need no data (MXFP4's are per block; NVFP4's per-tensor second-level scale is the weight's amax,
+which ModelOpt computes from the weights alone); formats that quantize activations (`calibrate`) run a forward
+loop over training batches before QAT / PTQ to set the activations' amax.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class Format:
     preset: str  # the name of the config in modelopt.torch.quantization
-    calibrate: bool  # a calibration forward loop is needed (per-tensor amax of NVFP4's second-level scale)
+    calibrate: bool  # a calibration forward loop is needed (activation amax)
 
 
 FORMATS = {
     "mxfp4": Format("MXFP4_MLP_WEIGHT_ONLY_CFG", calibrate=False),
-    "nvfp4": Format("NVFP4_MLP_WEIGHT_ONLY_CFG", calibrate=True),
+    "nvfp4": Format("NVFP4_MLP_WEIGHT_ONLY_CFG", calibrate=False),
     "nvfp4_w4a4": Format("NVFP4_MLP_ONLY_CFG", calibrate=True),
 }
 

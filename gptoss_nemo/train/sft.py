@@ -48,14 +48,19 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
     """CPU-only checks and data preparation; raises GptOssNemoError with the fix in the message."""
     from transformers import AutoTokenizer
 
-    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, read_dist_checkpoint_config
+    from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, quant_format, read_dist_checkpoint_config
     from gptoss_nemo.data.dataset import build_datasets
     from gptoss_nemo.model.build import resolve_use_te
     from gptoss_nemo.parallel.setup import env_world_size
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD
 
     t = recipe.train
-    cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
+    cfg, meta = read_dist_checkpoint_config(recipe.checkpoint)
+    if quant_format(meta):
+        raise CheckpointError(
+            f"checkpoint={recipe.checkpoint} is already quantized ({quant_format(meta)}, by {meta['quant'].get('stage')}); "
+            "SFT, QAT and PTQ start from a BF16 checkpoint (gptoss-nemo import, or an SFT checkpoint). To continue a "
+            "QAT run, run its command again: it resumes from train.out_dir")
     world, use_te = env_world_size(), resolve_use_te(use_te)
     dp = recipe.check_layout(cfg, world, te=use_te)
     if recipe.data.seq_length > cfg.max_position_embeddings:
@@ -141,15 +146,22 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
     load_dist_checkpoint(gpt, recipe.checkpoint)
     counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
     model, optimizer, scheduler = build_training(recipe, gpt)
+    quant = getattr(recipe, "quant", None)  # QAT (quantize/qat.py): the same loop on a fake-quantized model
     dp_rank = ps.get_data_parallel_rank()
     train = GlobalBatches(p.train, t.global_batch_size, t.micro_batch_size, dp_rank, p.dp, t.seed)
     valid = GlobalBatches(p.valid or p.train, t.global_batch_size, t.micro_batch_size, dp_rank, p.dp, t.seed)
 
     out, root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     start = checkpoint_dirs.find_latest(root) or 0
+    rank0 = me.rank == 0
+    step0: dict = {}
+    if quant is not None:
+        from gptoss_nemo.quantize import qat
+
+        step0 = qat.begin(recipe, model, train, valid, seq, checkpoint_dirs.step_dir(root, start) if start else None,
+                          out, rank0)
     if start:
         load_training(root, start, model, optimizer, scheduler)
-    rank0 = me.rank == 0
     metrics = None
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -159,13 +171,14 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
         log.info("data: %s; %s from step %d, %d micro-batches per step per data-parallel rank", p.data_stats,
                  "resuming" if start else "starting", start, train.num_microbatches)
     save = dict(keep_last=t.keep_last, cfg=cfg, layout=recipe.parallel, source=str(recipe.checkpoint),
-                side_files_from=Path(recipe.checkpoint) / HF_SUBDIR)
+                side_files_from=Path(recipe.checkpoint) / HF_SUBDIR,
+                extra=qat.quant_meta(recipe, "qat") if quant is not None else None)
     row: dict = {}
     stopped = False
     if start == 0 and t.eval_every:  # the starting point of the validation curve
         val = evaluate(model, valid, t.eval_batches, seq)
         if metrics is not None:
-            metrics.log(0, {"val_loss": val})
+            metrics.log(0, {**step0, "val_loss": val})
     for step in range(start, t.steps):
         row = train_step(model, optimizer, scheduler, train, step, seq)
         aux = aux_losses(recipe.router, cfg.num_hidden_layers, train.num_microbatches, step + 1)
@@ -200,6 +213,8 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
                 log.warning("stop requested (%s): checkpointed step %d; the same command resumes from it",
                             stop_file(), step + 1)
             break
+    if quant is not None:
+        qat.end(model, out, rank0)
     if metrics is not None:
         metrics.close()
         windows = read_metrics(out / "expert_load.jsonl") if (out / "expert_load.jsonl").is_file() else []

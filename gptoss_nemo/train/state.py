@@ -3,6 +3,7 @@
     RUN/checkpoints/step_0000100/    dist checkpoint {model, optimizer, scheduler, step} (torch_dist)
                                      + gptoss_nemo.json + hf/ (so `gptoss-nemo export` and later stages read it)
                                      + rng/rank_00000.pt ... (CPU, CUDA and megatron tracker states per rank)
+                                     + modelopt_state/ in QAT (the quantizers; metadata "quant": {format})
 
 The model and the distributed optimizer's state (FP32 main weights, Adam moments) are saved per parameter in
 model space (`fully_reshardable`: gathered over the data-parallel ranks at save, sliced at load; megatron-core
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_nemo.convert.dist_checkpoint import write_checkpoint_meta
+from gptoss_nemo.convert.dist_checkpoint import save_quant_state, write_checkpoint_meta
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.train import checkpoint_dirs
 
@@ -30,7 +31,7 @@ def _rng_file(root: Path, rank: int) -> Path:
 
 
 def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_last: int, cfg, layout,
-                  source: str, side_files_from: Path | None) -> Path:
+                  source: str, side_files_from: Path | None, extra: dict | None = None) -> Path:
     """Collective. Complete only once renamed into place; then `latest` points at it and old ones are pruned."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, tensor_parallel
@@ -44,8 +45,9 @@ def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_la
         state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
                  "scheduler": scheduler.state_dict(), "step": step}
         dist_checkpointing.save(state, str(tmp))
+        save_quant_state(model, tmp, extra)
         write_checkpoint_meta(tmp, cfg, layout=layout, source=source, side_files_from=side_files_from,
-                              extra={"step": step})
+                              extra={"step": step, **(extra or {})})
         if dist.get_rank() == 0:
             (tmp / "rng").mkdir()
         dist.barrier()
@@ -59,7 +61,8 @@ def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_la
 
 
 def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
-    """Collective. Restores what save_training wrote (the RNG states only when the world size is unchanged)."""
+    """Collective. Restores what save_training wrote (the RNG states only when the world size is unchanged); a
+    QAT model must have its quantizers restored before (quantize/qat.py)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, tensor_parallel
 

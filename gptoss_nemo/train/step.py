@@ -49,6 +49,7 @@ def build_training(recipe: SFTRecipe, model):
     from megatron.core.transformer.module import Float16Module
 
     config = model.config
+    experts_in_their_own_optimizer(model)
     model = Float16Module(config, model)
     model = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
@@ -67,6 +68,19 @@ def build_training(recipe: SFTRecipe, model):
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return model, optimizer, scheduler
+
+
+def experts_in_their_own_optimizer(gpt) -> None:
+    """Mark the expert parameters as reduced over the expert-data-parallel group under every layout.
+
+    megatron does so only when EP > 1 (or ETP != TP); with EP = 1 and TP = 1 the experts join the dense
+    parameters, so the distributed optimizer is one optimizer instead of [dense, experts] and its checkpoint has
+    another structure: an EP1 training checkpoint then fails to resume under EP2 ("Expected 2 entries in state
+    dict, but got 4", seen on GPUs). With EP = TP = 1 the expert-data-parallel group is the data-parallel group,
+    so gradients are reduced over the same ranks either way; the update is the same AdamW, per element."""
+    for name, param in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def run_global_batch(model, batches: GlobalBatches, step: int, seq_length: int, forward_only: bool) -> torch.Tensor:

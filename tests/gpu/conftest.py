@@ -57,3 +57,26 @@ def tiny_with_tokenizer(tmp_path_factory):
         if (Path(prebuilt) / name).is_file() and not (path / name).exists():
             shutil.copyfile(Path(prebuilt) / name, path / name)
     return path
+
+
+
+@pytest.fixture(scope="session")
+def imported_tiny(tiny_with_tokenizer, tmp_path_factory):
+    """The tiny gpt-oss imported into a gptoss-nemo checkpoint (one GPU, local spec; one process on a free port)."""
+    from launch import run_python
+
+    out = tmp_path_factory.mktemp("sft") / "tiny-ckpt"
+    run_python("-m", "gptoss_nemo", "import", str(tiny_with_tokenizer), str(out), "--local-spec")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(imported_tiny, tmp_path_factory):
+    """One GPU, 200 SFT steps of the tiny model on the shipped arithmetic task (the SFT tests check it; the QAT
+    tests start from its last checkpoint). Returns the run directory."""
+    from launch import stage_args, torchrun
+
+    out = tmp_path_factory.mktemp("sft-run") / "run"
+    torchrun(1, *stage_args("sft", imported_tiny, out, "train.steps=200", "train.eval_every=50",
+                            "train.save_every=100"), port=29851, timeout=400)
+    return out

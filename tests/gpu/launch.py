@@ -1,11 +1,19 @@
 """Starting the `gptoss-nemo` command (or a worker script) under torchrun from the GPU tests."""
 
+import importlib.util
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+RECIPE = {"sft": RECIPES / "sft_tiny.yaml", "qat": RECIPES / "qat_tiny.yaml", "ptq": RECIPES / "qat_tiny.yaml"}
 
 
 def torchrun_cmd(nproc: int, *args: str, port: int) -> list[str]:
@@ -35,3 +43,38 @@ def json_line(r: subprocess.CompletedProcess, key: str) -> dict:
 
 def result(name: str, value) -> None:
     print(f"RESULT {name}: {json.dumps(value)}", flush=True)
+
+
+def stage_args(stage: str, ckpt: Path, out: Path, *overrides: str) -> list[str]:
+    """`python -m gptoss_nemo STAGE recipes/<stage recipe> checkpoint=... train.out_dir=...` on the local spec
+    (TensorBoard only where it is installed)."""
+    tb = "true" if importlib.util.find_spec("tensorboard") else "false"
+    return ["-m", "gptoss_nemo", stage, str(RECIPE[stage]), f"checkpoint={ckpt}", f"train.out_dir={out}",
+            f"train.tensorboard={tb}", *overrides, "--local-spec"]
+
+
+def run_python(*args: str, timeout: int = 150) -> subprocess.CompletedProcess:
+    """`python ARGS` as one process (a world of one, no torchrun); a non-zero exit fails the test."""
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(), timeout=timeout)
+    assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+def kill_at_random_step(args: list[str], out: Path, lo: int, hi: int) -> tuple[int, int]:
+    """Start `python ARGS` (one process, its own session), SIGKILL it once RUN/metrics.jsonl has a step >= a random
+    one in [lo, hi]; returns (requested step, last step logged)."""
+    from gptoss_nemo.train.metrics_log import read_metrics
+
+    kill_at = random.Random(time.time_ns()).randint(lo, hi)
+    proc = subprocess.Popen([sys.executable, *args], env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r["step"] >= kill_at for r in read_metrics(metrics)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before step {kill_at}"
+    return kill_at, max(r["step"] for r in read_metrics(metrics))

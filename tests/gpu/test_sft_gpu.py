@@ -6,53 +6,35 @@
   training checkpoint resumes under EP2 (model and optimizer state resharded) on the same curve;
 - SIGKILL at a random step, then the same command again: it resumes from the newest complete checkpoint and
   reproduces the uninterrupted run's losses from there on.
+The last two run for QAT too (`stage=qat`: MXFP4 fake quant, starting from the SFT run's last checkpoint): the
+quantizers are saved with the checkpoint and restored on resume, under the same or another layout.
 
 Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 
-import importlib.util
-import os
-import random
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import env, json_line, result, torchrun, torchrun_cmd
+from launch import json_line, kill_at_random_step, result, run_python, stage_args, torchrun
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.train.checkpoint_dirs import find_latest
 from gptoss_nemo.train.metrics_log import read_metrics
 
 pytestmark = pytest.mark.gpu
-RECIPE = Path(__file__).parents[2] / "recipes" / "sft_tiny.yaml"
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 
-@pytest.fixture(scope="module")
-def start_ckpt(tiny_with_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "tiny-ckpt"
-    torchrun(1, "-m", "gptoss_nemo", "import", str(tiny_with_tokenizer), str(out), "--local-spec", port=29850)
-    return out
-
-
-def _sft_args(ckpt: Path, out: Path, *overrides: str) -> list[str]:
-    tb = "true" if importlib.util.find_spec("tensorboard") else "false"
-    return ["-m", "gptoss_nemo", "sft", str(RECIPE), f"checkpoint={ckpt}", f"train.out_dir={out}",
-            f"train.tensorboard={tb}", *overrides, "--local-spec"]
-
-
-def _sft(nproc: int, ckpt: Path, out: Path, *overrides: str, port: int, timeout: int = 300) -> list[dict]:
-    torchrun(nproc, *_sft_args(ckpt, out, *overrides), port=port, timeout=timeout)
+def _run(nproc: int, stage: str, ckpt: Path, out: Path, *overrides: str, port: int, timeout: int = 300) -> list[dict]:
+    torchrun(nproc, *stage_args(stage, ckpt, out, *overrides), port=port, timeout=timeout)
     return read_metrics(out / "metrics.jsonl")
 
 
-def test_sft_one_gpu_learns_and_logs(start_ckpt, tiny_with_tokenizer, tmp_path):
-    out = tmp_path / "run"
-    rows = _sft(1, start_ckpt, out, "train.steps=200", "train.eval_every=50", "train.save_every=100", port=29851)
+def test_sft_one_gpu_learns_and_logs(sft_run, tiny_with_tokenizer, tmp_path):
+    out = sft_run
+    rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if r["step"] > 0]
     vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     summary = {"val_loss": vals, "lm_loss_first_last": [steps[0]["lm_loss"], steps[-1]["lm_loss"]],
@@ -94,52 +76,51 @@ def test_sft_one_gpu_learns_and_logs(start_ckpt, tiny_with_tokenizer, tmp_path):
     assert all(v > 1e-3 for v in moved.values()), moved
 
 
+COMMON = ("train.steps=20", "optimizer.warmup_steps=19", "train.eval_every=0", "train.save_every=5",
+          "train.plots=false", "train.deterministic=true", "train.keep_last=10")
+
+
 @two_gpus
-def test_ep2_follows_ep1_and_sigkill_resume(start_ckpt, tmp_path):
-    common = ("train.steps=20", "optimizer.warmup_steps=19", "train.eval_every=0", "train.save_every=5",
-              "train.plots=false", "train.deterministic=true", "train.keep_last=10")
-    ep1 = _sft(1, start_ckpt, tmp_path / "ep1", *common, port=29853)
-    ep2 = _sft(2, start_ckpt, tmp_path / "ep2", *common, "parallel.ep=2", port=29854)
+@pytest.mark.parametrize("stage", ["sft", "qat"])
+def test_ep2_follows_ep1_and_resumes_an_ep1_checkpoint(stage, imported_tiny, tmp_path):
+    """QAT starts from the imported checkpoint here (any BF16 checkpoint is a valid start)."""
+    base = 29860 if stage == "sft" else 29870
+    ep1 = _run(1, stage, imported_tiny, tmp_path / "ep1", *COMMON, port=base)
+    ep2 = _run(2, stage, imported_tiny, tmp_path / "ep2", *COMMON, "parallel.ep=2", port=base + 1)
     l1 = [r["lm_loss"] for r in ep1 if r["step"] > 0]
     l2 = [r["lm_loss"] for r in ep2 if r["step"] > 0]
     rel = [abs(a - b) / abs(a) for a, b in zip(l1, l2)]
-    result("EP2 vs EP1, 20 steps, lm loss", {"ep1": l1, "ep2": l2, "max_relative_difference": max(rel)})
+    result(f"{stage}: EP2 vs EP1, 20 steps, lm loss", {"ep1": l1, "ep2": l2, "max_relative_difference": max(rel)})
     assert len(l1) == len(l2) == 20 and max(rel) <= 0.01
 
-    # the EP1 training checkpoint of step 10 (model + distributed-optimizer state) resumed under EP2
+    # the EP1 training checkpoint of step 10 (model + distributed-optimizer state; QAT: + quantizers) under EP2
     resharded = tmp_path / "ep1-to-ep2"
     shutil.copytree(tmp_path / "ep1" / "checkpoints" / "step_0000010", resharded / "checkpoints" / "step_0000010")
-    r = json_line(torchrun(2, *_sft_args(start_ckpt, resharded, *common, "parallel.ep=2"), port=29857, timeout=300),
-                  "sft")
+    r = json_line(torchrun(2, *stage_args(stage, imported_tiny, resharded, *COMMON, "parallel.ep=2"), port=base + 2,
+                           timeout=300), stage)
     later = {x["step"]: x["lm_loss"] for x in read_metrics(resharded / "metrics.jsonl") if x["step"] > 0}
     rel_later = [abs(later[s] - l1[s - 1]) / l1[s - 1] for s in range(11, 21)]
-    result("EP1 checkpoint (step 10) resumed under EP2, steps 11-20 vs EP1", {
+    result(f"{stage}: EP1 checkpoint (step 10) resumed under EP2, steps 11-20 vs EP1", {
         "resumed_from": r["resumed_from"], "max_relative_difference": max(rel_later)})
     assert r["resumed_from"] == 10 and sorted(later) == list(range(11, 21)) and max(rel_later) <= 0.01
 
-    # SIGKILL the EP1 run at a random step, run the same command again, compare with the uninterrupted EP1 run
-    kill_at = random.Random(time.time_ns()).randint(7, 18)
+
+@pytest.mark.parametrize("stage", ["sft", "qat"])
+def test_sigkill_resume_reproduces_the_uninterrupted_run(stage, imported_tiny, tmp_path):
+    """One process per run (no torchrun: its workers run in their own sessions, so killing the launcher's
+    process group would leave the worker training)."""
+    base = 29890 if stage == "sft" else 29895
+    ref = {x["step"]: x["lm_loss"] for x in _run(1, stage, imported_tiny, tmp_path / "ref", *COMMON, port=base)
+           if x["step"] > 0}
     out = tmp_path / "killed"
-    args = _sft_args(start_ckpt, out, *common)
-    proc = subprocess.Popen(torchrun_cmd(1, *args, port=29855), env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and any(r["step"] >= kill_at for r in read_metrics(metrics)):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before step {kill_at}"
-    killed_rows = read_metrics(out / "metrics.jsonl")
+    args = stage_args(stage, imported_tiny, out, *COMMON)
+    kill_at, killed_after = kill_at_random_step(args, out, 7, 18)
     expected_start = find_latest(out / "checkpoints")
-    start = json_line(torchrun(1, *args, port=29856, timeout=300), "sft")["resumed_from"]
+    start = json_line(run_python(*args, timeout=300), stage)["resumed_from"]
     rows = {x["step"]: x["lm_loss"] for x in read_metrics(out / "metrics.jsonl") if x["step"] > 0}
-    ref = {x["step"]: x["lm_loss"] for x in ep1 if x["step"] > 0}
     diffs = {s: abs(rows[s] - ref[s]) for s in range(start + 1, 21)}
-    result("SIGKILL + resume (deterministic mode)", {
-        "killed_after_step": max(x["step"] for x in killed_rows), "kill_requested_at": kill_at,
+    result(f"{stage}: SIGKILL + resume (deterministic mode)", {
+        "killed_after_step": killed_after, "kill_requested_at": kill_at,
         "resumed_from_checkpoint_step": start, "steps_compared": len(diffs),
         "bitwise_equal_steps": sum(d == 0 for d in diffs.values()), "max_abs_difference": max(diffs.values(),
                                                                                              default=None)})

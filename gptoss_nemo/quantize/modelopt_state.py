@@ -1,0 +1,84 @@
+"""ModelOpt fake quantization on this rank's megatron model stage: apply it, save and restore it with a
+checkpoint, and read back the weights the quantized forward pass computes with.
+
+    quantize        mtq.quantize with the format's ModelOpt preset (quantize/formats.py); formats with
+                    calibrated scales get a forward loop over training batches
+    save / restore  ModelOpt's megatron plugin: `CKPT/modelopt_state/` holds the quantization config (any layout
+                    restores it); the quantizers' own state (amax, ...) rides in the model's sharded state dict
+                    as `_extra_state`, so it reshards with the weights
+    fake_quant      {parameter name: q(w)} of every enabled expert weight quantizer, exactly the tensor the
+                    forward pass uses (ModelOpt's own quantizer, run on the weight)
+
+The model is quantized after it has been wrapped for training (Float16Module, DDP), as Megatron-LM's ModelOpt
+examples do: conversion swaps module classes in place, so the parameters the optimizer holds stay the same.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from gptoss_nemo.quantize.formats import FORMATS, modelopt_config
+
+MODELOPT_SUBDIR = "modelopt_state"
+_WEIGHT = re.compile(r"^weight\d*$")  # `weight`, or TE grouped experts' weight0..N
+
+
+def quantize(gpt: torch.nn.Module, fmt: str, forward_loop: Callable[[], None] | None = None) -> None:
+    """Collective. Converts `gpt` in place; `forward_loop()` runs the calibration batches when `fmt` needs them."""
+    import modelopt.torch.quantization as mtq
+
+    loop = (lambda _model: forward_loop()) if FORMATS[fmt].calibrate and forward_loop is not None else None
+    if mtq.quantize(gpt, modelopt_config(fmt), loop) is not gpt:
+        raise RuntimeError("mtq.quantize returned a new model object; gptoss-nemo expects in-place conversion")
+
+
+def is_quantized(gpt: torch.nn.Module) -> bool:
+    import modelopt.torch.opt as mto
+
+    return mto.ModeloptStateManager.is_converted(gpt)
+
+
+def save(gpt: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Collective; writes CKPT/modelopt_state/ (the model's `_extra_state` goes with the model's tensors)."""
+    import torch.distributed as dist
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    if dist.get_rank() == 0:
+        (Path(ckpt_dir) / MODELOPT_SUBDIR).mkdir(exist_ok=True)
+    dist.barrier()
+    save_sharded_modelopt_state([gpt], str(ckpt_dir))
+
+
+def restore(gpt: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Collective: re-create the quantizers a checkpoint was saved with (before its weights are loaded)."""
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
+
+    if not (Path(ckpt_dir) / MODELOPT_SUBDIR).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no {MODELOPT_SUBDIR}/, but its metadata says it is quantized")
+    models = [gpt]
+    restore_sharded_modelopt_state(models, str(ckpt_dir))
+    if models[0] is not gpt or not is_quantized(gpt):
+        raise RuntimeError(f"{ckpt_dir}: restoring the ModelOpt state did not quantize the model in place")
+
+
+def expert_weight_quantizers(gpt: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(module name, module) of every expert linear layer whose weight quantizer is enabled."""
+    for name, module in gpt.named_modules():
+        q = getattr(module, "weight_quantizer", None)
+        if q is not None and ".mlp.experts." in f".{name}." and q.is_enabled:
+            yield name, module
+
+
+@torch.no_grad()
+def fake_quant(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: fake-quantized weight} for the quantized expert weights of this stage."""
+    out = {}
+    for name, module in expert_weight_quantizers(gpt):
+        for pname, p in module.named_parameters(recurse=False):
+            if _WEIGHT.match(pname):
+                out[f"{name}.{pname}"] = module.weight_quantizer(p)
+    return out
