@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, help="conversations evaluated (the first N)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--loss-on", default="assistant", choices=["assistant", "final", "last_turn"])
-    p.add_argument("--local-spec", action="store_true", help="export gptoss-nemo checkpoints with megatron's local spec")
+    p.add_argument("--local-spec", action="store_true",
+                   help="export gptoss-nemo checkpoints with megatron's local spec")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")

@@ -51,6 +51,20 @@ def test_zero_and_tiny_blocks():
     assert torch.isfinite(mxfp4.dequantize(blocks, scales, torch.float32)).all()
 
 
+def test_fp32_subnormals_count_as_zero_as_in_the_cuda_kernel():
+    """ModelOpt's MXFP4 kernel runs with flush-to-zero: a subnormal element quantizes to 0 and does not set its
+    block's scale (its neighbours are quantized as if it were 0)."""
+    w = torch.zeros(1, 64)
+    w[0, :32] = torch.linspace(1, 2, 32) * 1e-39  # a block of FP32 subnormals only
+    w[0, 32], w[0, 33], w[0, 34] = 6.0, 3e-39, -1e-38  # a normal block holding two subnormals
+    q = mxfp4.fake_quantize(w)
+    assert (q[0, :32] == 0).all() and q[0, 32] == 6.0 and q[0, 33] == 0 and q[0, 34] == 0
+    _, scales = mxfp4.quantize(w)
+    assert scales[0].tolist() == [0, 127]  # the subnormal block: smallest scale; the other: 2**0
+    smallest_normal = torch.tensor([[2.0 ** -126] + [0.0] * 31])
+    assert mxfp4.fake_quantize(smallest_normal)[0, 0] == 2.0 ** -126  # normal values are kept
+
+
 def test_round_trip_is_idempotent_and_bounded():
     torch.manual_seed(0)
     w = torch.randn(4, 16, 256) * 0.02

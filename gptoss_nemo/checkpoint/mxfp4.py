@@ -9,7 +9,9 @@ E2M1 code c encodes sign (bit 3) and magnitude FP4_MAGNITUDES[c & 7] in {0, .5, 
 Quantization picks each block's scale as ModelOpt does, 2**ceil(log2(amax / 6)) (so no element exceeds 6
 after scaling; an all-zero block gets scale code 0), and rounds to the nearest E2M1 value with ties to the
 even code, as ModelOpt's CUDA fake quant does. (ModelOpt's `MXFP4QTensor.quantize` rounds ties toward zero
-instead; this module never does.)
+instead; this module never does.) That kernel is compiled with --use_fast_math, so FP32-subnormal inputs
+(|w| < 2**-126, about 1.2e-38) count as zero there: they are flushed here too (measured on an H200: without the
+flush, exactly the subnormal elements of an adversarial tensor differed; real weights never come near).
 
 Dequantization reproduces `transformers`' `convert_moe_packed_tensors` bit for bit: a lookup in the target
 dtype followed by `torch.ldexp` with the unbiased exponent.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 32  # elements per scale
+FP32_MIN_NORMAL = 2.0 ** -126
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_VALUES = FP4_MAGNITUDES + tuple(-v for v in FP4_MAGNITUDES)  # code -> value (code 8 is -0.0)
 E8M0_BIAS = 127
@@ -66,9 +69,15 @@ def _e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     return code | sign
 
 
+def flush_subnormals(w: torch.Tensor) -> torch.Tensor:
+    """w in FP32 with FP32-subnormal values set to zero (as the CUDA kernel's flush-to-zero arithmetic sees them)."""
+    w = w.float()
+    return torch.where(w.abs() < FP32_MIN_NORMAL, torch.zeros_like(w), w)
+
+
 def block_scales(w: torch.Tensor) -> torch.Tensor:
     """Unbiased E8M0 exponent per block of 32 along the last dim: ceil(log2(amax / 6)), at least -127; computed
-    exactly from the binary exponent (frexp), the same on every device."""
+    exactly from the binary exponent (frexp), the same on every device. `w` already flushed."""
     blocks = w.float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=-1)
     mantissa, exp = torch.frexp(amax / E2M1_MAX)  # amax / 6 = mantissa * 2**exp, mantissa in [0.5, 1)
@@ -83,8 +92,9 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {BLOCK}, got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("MXFP4 quantize: weight has NaN or Inf values")
+    w = flush_subnormals(w)
     exp = block_scales(w)
-    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
     scaled = groups / torch.exp2(exp.float()).unsqueeze(-1)
     codes = _e2m1_codes(scaled)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)

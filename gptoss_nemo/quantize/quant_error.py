@@ -29,7 +29,8 @@ def element_stats(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch
 def summarize(sums: torch.Tensor, maxes: torch.Tensor) -> list[dict]:
     """[layers, 4] sums and [layers] maxes -> one dict per layer."""
     return [{"layer": i, "mean_rel": (s[0] / s[1].clamp(min=1)).item(), "max_rel": m.item(),
-             "l2_rel": (s[2].sqrt() / s[3].sqrt().clamp(min=1e-30)).item()} for i, (s, m) in enumerate(zip(sums, maxes))]
+             "l2_rel": (s[2].sqrt() / s[3].sqrt().clamp(min=1e-30)).item()}
+            for i, (s, m) in enumerate(zip(sums, maxes))]
 
 
 @torch.no_grad()

@@ -58,7 +58,8 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
     cfg, meta = read_dist_checkpoint_config(recipe.checkpoint)
     if quant_format(meta):
         raise CheckpointError(
-            f"checkpoint={recipe.checkpoint} is already quantized ({quant_format(meta)}, by {meta['quant'].get('stage')}); "
+            f"checkpoint={recipe.checkpoint} is already quantized ({quant_format(meta)}, by "
+            f"{meta['quant'].get('stage')}); "
             "SFT, QAT and PTQ start from a BF16 checkpoint (gptoss-nemo import, or an SFT checkpoint). To continue a "
             "QAT run, run its command again: it resumes from train.out_dir")
     world, use_te = env_world_size(), resolve_use_te(use_te)

@@ -78,3 +78,28 @@ def kill_at_random_step(args: list[str], out: Path, lo: int, hi: int) -> tuple[i
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before step {kill_at}"
     return kill_at, max(r["step"] for r in read_metrics(metrics))
+
+
+def run_many(jobs: list[list[str]], timeout: int = 400) -> list[str]:
+    """Run `python ARGS` for each job as one process per GPU (as many at once as there are GPUs, each on its own
+    free port); returns their stdouts in order. Any non-zero exit fails the test with its output."""
+    import torch
+
+    gpus = max(torch.cuda.device_count(), 1)
+    outputs: list[str] = [""] * len(jobs)
+    for start in range(0, len(jobs), gpus):
+        procs = []
+        for gpu, i in enumerate(range(start, min(start + gpus, len(jobs)))):
+            procs.append((i, subprocess.Popen([sys.executable, *jobs[i]],
+                                              env={**env(), "CUDA_VISIBLE_DEVICES": str(gpu)},
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for i, proc in procs:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"{jobs[i]} hung for {timeout} s\n{err[-4000:]}")
+            assert proc.returncode == 0, f"{jobs[i]}\n{out[-2000:]}\n{err[-6000:]}"
+            outputs[i] = out
+    return outputs
