@@ -65,15 +65,24 @@ def _plan(args: argparse.Namespace) -> int:
     from gptoss_nemo.config.sft import SFTRecipe
     from gptoss_nemo.plan.memory import GIB, estimate
 
-    recipe = load_recipe(SFTRecipe, args.recipe, args.overrides)
+    from gptoss_nemo.config.pipeline import PipelineRecipe, is_pipeline_recipe
+
+    pipeline = is_pipeline_recipe(args.recipe)
+    recipe = load_recipe(PipelineRecipe if pipeline else SFTRecipe, args.recipe, args.overrides)
     if args.model:
         from gptoss_nemo.model.presets import preset
 
         cfg = preset(args.model)
+    elif pipeline:
+        from gptoss_nemo.pipeline.run import hf_config
+
+        cfg = hf_config(recipe)
     else:
         from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
 
         cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
+    if pipeline:
+        recipe = recipe.sft_recipe()
     te = not args.local_spec
     recipe.parallel.validate(cfg, args.world_size, te=te)
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
@@ -115,6 +124,41 @@ def _train_stage(args: argparse.Namespace) -> int:
         shutdown()
     if _rank0():
         print(json.dumps({args.command: {"out_dir": recipe.train.out_dir, **summary}}))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    import logging
+
+    from gptoss_nemo.config.load import load_recipe
+    from gptoss_nemo.config.pipeline import PipelineRecipe
+    from gptoss_nemo.evaluate.hf_eval import table
+    from gptoss_nemo.parallel.setup import shutdown
+    from gptoss_nemo.pipeline.run import dry_run, run
+
+    logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
+    recipe = load_recipe(PipelineRecipe, args.recipe, args.overrides)
+    use_te = False if args.local_spec else None
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gptoss-nemo pipeline: no CUDA GPU here, so no stage runs: checking the recipe, model and data and "
+              "printing the plan instead (--dry-run)", file=sys.stderr)
+        args.dry_run = True
+    if args.dry_run:
+        plan = dry_run(recipe, use_te)
+        if _rank0():
+            print(json.dumps({"dry_run": plan}))
+        return 0
+    try:
+        summary = run(recipe, use_te=use_te, only=args.only)
+    finally:
+        shutdown()
+    if _rank0():
+        if summary["eval"]:
+            print(table([{**r, "checkpoint": r["stage"]} for r in summary["eval"]]))
+        print("export: " + ", ".join(summary["export"]))
+        print(json.dumps({"pipeline": summary}))
     return 0
 
 
@@ -201,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
         p.set_defaults(func=_train_stage)
 
+    p = sub.add_parser("pipeline", help="import -> SFT -> PTQ -> QAT -> export -> eval from one recipe; a rerun "
+                                        "continues after the last complete stage (torchrun/srun)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--only", choices=["hf", "import", "sft", "ptq", "qat", "export", "eval"],
+                   help="run this stage only (when it is not done)")
+    p.add_argument("--local-spec", action="store_true",
+                   help="megatron's local layer spec even when Transformer Engine imports")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
+    p.set_defaults(func=_pipeline)
+
     p = sub.add_parser("eval", help="validation loss and generation pass rate of Hugging Face gpt-oss checkpoints")
     p.add_argument("ckpt", nargs="+", help="Hugging Face checkpoint directories (BF16 or MXFP4), or gptoss-nemo "
                    "checkpoints (BF16, PTQ, QAT: exported in-process on one GPU first)")
@@ -215,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")
-    p.add_argument("stage", choices=["sft", "qat", "ptq"])
+    p.add_argument("stage", choices=["sft", "qat", "ptq", "pipeline"])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     mode = p.add_mutually_exclusive_group(required=True)

@@ -57,3 +57,24 @@ def test_dry_run_job_with_two_tasks(tiny_ckpt_meta, tmp_path, capsys, monkeypatc
     assert plan["world_size"] == 2 and plan["data_parallel"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1}
     assert plan["data"]["lines"] == 64 and plan["data"]["bad"] == 0 and plan["micro_batches_per_step"] == 2
     assert "master " in text and "--requeue" not in (run / "launch" / "sft.sbatch").read_text()
+
+
+def test_pipeline_dry_run_job(tmp_path, capsys, monkeypatch):
+    """The pipeline's --dry-run as a 2-task Slurm job: the recipe resolved, the layout checked against the world
+    size Slurm gives, the data read, the plan printed once."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "pipe $(run)"  # a path that looks like a command substitution stays a path
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    assert main(["launch", "pipeline", str(recipe), f"run_dir={run}", "data.train=[synthetic:arithmetic:64:0:1]",
+                 "cluster.gpus_per_node=2", "parallel.ep=2", "cluster.time=00:15:00", "cluster.stop_before_limit_s=60",
+                 "--dry-run", "--submit", "--local-spec"]) == 0
+    job = json.loads(capsys.readouterr().out)["submitted"]["jobs"][0]
+    state = _wait(job)
+    log = run / "logs" / f"gptoss-nemo-pipeline-{job}.out"
+    text = log.read_text() if log.is_file() else "(no log)"
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
+    plans = [json.loads(line)["dry_run"] for line in text.splitlines() if line.startswith('{"dry_run"')]
+    assert len(plans) == 1, text[-3000:]
+    plan = plans[0]
+    assert plan["world_size"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1} and plan["data"]["lines"] == 64
+    assert set(plan["stages"].values()) == {"to run"} and not (run / "hf-tiny").exists()  # a dry run writes nothing

@@ -31,7 +31,7 @@ from gptoss_nemo.evaluate.checkers import get_checker
 from gptoss_nemo.evaluate.generate import final_answer, greedy, prompt_text
 
 
-def _records(sources: list[str], samples: int) -> list[tuple[str, dict, object]]:
+def check_records(sources: list[str], samples: int) -> list[tuple[str, dict, object]]:
     out = []
     for source in sources:
         for where, record in read_records(source):
@@ -97,7 +97,7 @@ def evaluate(ckpt: str | Path, sources: list[str], checker: str, *, samples: int
              opts: RenderOptions = RenderOptions(), device: str | None = None, show: int = 3,
              use_te: bool | None = None) -> dict:
     check = get_checker(checker)
-    records = _records(sources, samples)  # bad input fails before the model is loaded
+    records = check_records(sources, samples)  # bad input fails before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with hf_view(ckpt, use_te) as hf:
         model, tokenizer = load_model(hf, device)

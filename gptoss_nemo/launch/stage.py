@@ -14,15 +14,21 @@ import sys
 from pathlib import Path
 
 from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.pipeline import PipelineRecipe
 from gptoss_nemo.config.qat import QATRecipe
 from gptoss_nemo.config.sft import SFTRecipe
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script, submit_chain, write_script
 
-STAGES = {"sft": SFTRecipe, "qat": QATRecipe, "ptq": QATRecipe}
+STAGES = {"sft": SFTRecipe, "qat": QATRecipe, "ptq": QATRecipe, "pipeline": PipelineRecipe}
 
 
-def check_allocation(recipe: SFTRecipe, world: int, te: bool) -> None:
+def check_allocation(recipe, world: int, te: bool) -> None:
+    if isinstance(recipe, PipelineRecipe):
+        from gptoss_nemo.pipeline.run import hf_config
+
+        recipe.sft_recipe().check_layout(hf_config(recipe), world, te=te)
+        return
     from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
 
     cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
@@ -36,7 +42,9 @@ def check_visible(recipe: SFTRecipe, workdir: Path) -> None:
     if not cluster.container_image:
         return
     roots = [workdir, *(Path(m.split(":")[1]) for m in cluster.container_mounts)]
-    paths = [("checkpoint", recipe.checkpoint), *((f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)),
+    source = ("model.hf", recipe.model.hf or recipe.run_dir) if isinstance(recipe, PipelineRecipe) else (
+        "checkpoint", recipe.checkpoint)
+    paths = [source, *((f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)),
              *((f"data.validation[{i}]", p) for i, p in enumerate(recipe.data.validation))]
     for key, value in paths:
         if value.startswith("synthetic:"):
@@ -68,7 +76,7 @@ def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry
                f"--nproc-per-node={cluster.gpus_per_node}", "-m", "gptoss_nemo", *argv]
         print(shlex.join(cmd), flush=True)
         os.execv(cmd[0], cmd)
-    run_dir = Path(recipe.train.out_dir).absolute()
+    run_dir = Path(recipe.run_dir if isinstance(recipe, PipelineRecipe) else recipe.train.out_dir).absolute()
     python = "python" if cluster.container_image else sys.executable  # the container's, or this environment's
     script = sbatch_script(cluster, run_dir, [python, "-m", "gptoss_nemo", *argv],
                            job_name=f"{cluster.job_name}-{stage}", workdir=Path.cwd(), gpus=not dry_run)
