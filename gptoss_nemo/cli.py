@@ -162,6 +162,27 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_export(args: argparse.Namespace) -> int:
+    from gptoss_nemo.evaluate.verify_export import verify_export
+    from gptoss_nemo.parallel.setup import shutdown
+
+    try:
+        r = verify_export(args.out_dir, args.against, _layout(args), data=args.data or ["synthetic:arithmetic:256:7"],
+                          samples=args.samples, seq_length=args.seq_length,
+                          use_te=False if args.local_spec else None, floor=not args.no_floor)
+    finally:
+        shutdown()
+    if r is not None:
+        line = f"verify-export: {r['sequences']} sequences x {r['seq_length']} tokens: cosine min {r['min_cos']:.6f} " \
+               f"mean {r['mean_cos']:.6f}, top-1 agreement {r['top1']:.2%}"
+        if "transformers_bf16_vs_fp32" in r:
+            f = r["transformers_bf16_vs_fp32"]
+            line += f" (transformers' own BF16 vs FP32: {f['min_cos']:.6f}, {f['top1']:.2%})"
+        print(line)
+        print(json.dumps({"verify_export": r}))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gptoss_nemo.data.harmony import RenderOptions
     from gptoss_nemo.evaluate.hf_eval import evaluate, table
@@ -256,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("verify-export", help="compare a Hugging Face export's logits (transformers) with the "
+                                             "gptoss-nemo checkpoint it came from (megatron, fake quant)")
+    p.add_argument("out_dir", help="the export (gptoss-nemo export ... OUT_DIR)")
+    p.add_argument("--against", required=True, help="the gptoss-nemo checkpoint it was exported from")
+    p.add_argument("--data", action="append", default=None,
+                   help="conversations (JSONL/parquet or synthetic:...) rendered into the compared sequences")
+    p.add_argument("--samples", type=int, default=8, help="sequences compared")
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--no-floor", action="store_true", help="skip transformers' BF16-vs-FP32 reference distance")
+    _parallel_args(p)
+    p.set_defaults(func=_verify_export)
 
     p = sub.add_parser("eval", help="validation loss and generation pass rate of Hugging Face gpt-oss checkpoints")
     p.add_argument("ckpt", nargs="+", help="Hugging Face checkpoint directories (BF16 or MXFP4), or gptoss-nemo "

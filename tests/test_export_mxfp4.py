@@ -65,3 +65,40 @@ def test_trained_values_are_written_as_their_fake_quantization(tiny_bf16, bf16_s
         elif name in loaded:
             assert torch.equal(loaded[name], w), name  # everything else stays BF16, untouched
     assert checked == 8  # 4 layers x (gate_up, down)
+
+
+def test_verify_export_refuses_mismatches_before_any_gpu(tiny_mxfp4, tiny_ckpt_meta, tmp_path, capsys):
+    """verify-export: an export of another model, a directory that is no export, and (on a CPU machine) the GPU
+    itself are reported in one line each, before any model is built."""
+    from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
+    from gptoss_nemo.cli import main
+    from gptoss_nemo.model.presets import tiny
+
+    other = write_tiny_checkpoint(tmp_path / "other", tiny(layers=2), seed=0, tokenizer=False)
+    assert main(["verify-export", str(other), "--against", str(tiny_ckpt_meta)]) == 2
+    assert "num_hidden_layers is 2 there and 4 in the checkpoint" in capsys.readouterr().err
+    assert main(["verify-export", str(tmp_path), "--against", str(tiny_ckpt_meta)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["verify-export", str(tiny_mxfp4), "--against", str(tiny_mxfp4)]) == 2
+    assert "not a gptoss-nemo checkpoint" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["verify-export", str(tiny_mxfp4), "--against", str(tiny_ckpt_meta), "--samples", "2",
+                     "--data", "synthetic:arithmetic:40"]) == 2
+        assert "needs CUDA GPUs" in capsys.readouterr().err
+
+
+def test_progress_line_counts_bf16_bytes():
+    import io
+
+    import torch
+
+    from gptoss_nemo.convert.progress import format_progress, with_progress
+
+    assert format_progress(12_400_000_000, 233_800_000_000, 30.0) == \
+        "export: 12.4 / 233.8 GB (5.3%), 0.41 GB/s, ETA 8m55s"  # 221.4 GB at 0.4133 GB/s
+    out = io.StringIO()
+    items = [("a", torch.zeros(500, dtype=torch.bfloat16)), ("b", torch.zeros(250, dtype=torch.uint8))]
+    assert [n for n, _ in with_progress(items, 1500, stream=out)] == ["a", "b"]
+    assert out.getvalue().strip().splitlines()[-1].startswith("export: 0.0 / 0.0 GB (100.0%)")

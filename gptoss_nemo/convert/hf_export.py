@@ -55,6 +55,10 @@ def export_hf(
         local.update(modelopt_state.fake_quant(gpt))
     tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))
     if me.rank == 0:
+        from gptoss_nemo.convert.progress import with_progress
+        from gptoss_nemo.model.param_count import count_parameters
+
+        tensors = with_progress(tensors, 2 * count_parameters(cfg).total)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             write_shards(to_mxfp4(tensors) if fmt == "mxfp4" else tensors, tmp, max_shard_bytes)
             cfg.replace(quantized=fmt == "mxfp4").save(tmp)

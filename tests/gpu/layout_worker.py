@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parity import bit_identical, fp32_copy, megatron_logits, parity_report, token_ids
+from parity import bit_identical, fp32_copy, parity_report, token_ids
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
 from gptoss_nemo.convert.hf_export import export_hf
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
+from gptoss_nemo.evaluate.logits import megatron_logits
 from gptoss_nemo.model.build import build_rank_model
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.parallel.layout import ParallelLayout

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launch import json_line, result, torchrun
-from parity import bit_identical, fp32_copy, megatron_logits, parity_failures, parity_report, token_ids
+from parity import bit_identical, fp32_copy, parity_failures, parity_report, token_ids
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -18,6 +18,7 @@ from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
 from gptoss_nemo.convert.hf_export import export_hf
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
+from gptoss_nemo.evaluate.logits import megatron_logits
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.model.presets import tiny
 from gptoss_nemo.parallel.layout import ParallelLayout

@@ -170,6 +170,13 @@ def test_qat_recovers_the_ptq_gap_and_exports_exactly(qat_runs, tmp_path):
         equal += int((deq == fq[name]).sum())
     result("QAT MXFP4 export vs fake-quant weights", {"elements": total, "equal": equal})
     assert total and equal == total
+
+    # verify-export: the MXFP4 export in transformers vs the megatron fake-quant model, validation sequences
+    r = torchrun(1, "-m", "gptoss_nemo", "verify-export", str(tmp_path / "mxfp4"), "--against", str(qat_ckpt),
+                 "--data", "synthetic:arithmetic:400:7:1", "--samples", "8", "--local-spec", port=29889, timeout=300)
+    verified = json_line(r, "verify_export")
+    result("verify-export (QAT MXFP4 export vs megatron fake quant)", verified)
+    assert verified["min_cos"] >= 0.9999 and verified["top1"] >= 0.99, verified
     assert gap > 0, f"PTQ did not hurt: {summary}"
     assert recovered >= 0.8, summary
     # against the control: QAT keeps at most 20% of the PTQ gap above the BF16 model trained the same steps

@@ -1,0 +1,150 @@
+"""`gptoss-nemo verify-export OUT_DIR --against CKPT`: does a Hugging Face export compute what the checkpoint
+computes? The export is loaded with transformers (MXFP4 experts dequantized as transformers does, BF16, eager
+attention with sinks), the checkpoint as the megatron model (a QAT / PTQ checkpoint with its ModelOpt fake-quant
+quantizers restored), both run the same validation sequences (harmony-rendered conversations of `--data`, packed
+to `--seq-length` tokens), and the full-vocabulary logits are compared: cosine similarity per sequence and top-1
+agreement over every position. transformers' own BF16-vs-FP32 distance on the same sequences is printed beside
+them (`--no-floor` skips it: it loads the export a second time in FP32): the noise floor any BF16
+implementation pair shows.
+
+Checks before any GPU work: the export is a gpt-oss HF checkpoint, the checkpoint a gptoss-nemo one, both
+describe the same architecture, the data reads, the layout fits the world size. Launched like every stage
+(torchrun / srun; the megatron model under `--tp/--ep/--pp`); rank 0 runs transformers (device_map="auto" over
+the GPUs its process sees, after the megatron model is freed) and prints the result.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from gptoss_nemo.errors import CheckpointError
+
+# architecture fields that must agree between the export and the checkpoint
+_ARCH = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "sliding_window")
+
+
+def check_pair(out_dir: str | Path, ckpt: str | Path):
+    """(the export's config, the checkpoint's config); CheckpointError naming the first difference."""
+    from gptoss_nemo.checkpoint.hf_layout import check_checkpoint
+    from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
+
+    exported = check_checkpoint(out_dir)
+    cfg, _ = read_dist_checkpoint_config(ckpt)
+    names = {f.name for f in fields(cfg)}
+    for name in _ARCH:
+        if name in names and getattr(exported, name) != getattr(cfg, name):
+            raise CheckpointError(f"{out_dir} is not an export of {ckpt}: {name} is {getattr(exported, name)} there "
+                                  f"and {getattr(cfg, name)} in the checkpoint")
+    if not (Path(out_dir) / "tokenizer.json").is_file():
+        raise CheckpointError(f"{out_dir}: no tokenizer.json; verification renders the --data conversations with it")
+    return exported, cfg
+
+
+def sequences(out_dir: str | Path, data: list[str], samples: int, seq_length: int) -> torch.Tensor:
+    """[n <= samples, seq_length] token ids: the conversations of `data`, harmony-rendered and packed."""
+    from transformers import AutoTokenizer
+
+    from gptoss_nemo.data.dataset import DataConfig, build_datasets
+    from gptoss_nemo.errors import DataError
+    from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD
+
+    cfg = DataConfig(train=list(data), validation_fraction=0.0, seq_length=seq_length, packing=True)
+    train, _, _ = build_datasets(cfg, AutoTokenizer.from_pretrained(out_dir), HARMONY_SPECIAL_TOKENS[PAD])
+    if not train:
+        raise DataError(f"--data {' '.join(data)}: no sequence of {seq_length} tokens")
+    return torch.stack([torch.as_tensor(s.tokens) for s in train[:samples]])
+
+
+def _send_to_rank0(t: torch.Tensor | None, src: int) -> torch.Tensor | None:
+    """The last stage's logits on global rank 0 (CPU); None elsewhere."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    if src == me == 0:
+        return t.cpu()
+    if me == src:
+        dist.send(torch.tensor(t.shape, device=t.device), 0)
+        dist.send(t.contiguous(), 0)
+    elif me == 0:
+        shape = torch.empty(3, dtype=torch.int64, device="cuda")
+        dist.recv(shape, src)
+        out = torch.empty(shape.tolist(), dtype=torch.bfloat16, device="cuda")
+        dist.recv(out, src)
+        return out.cpu()
+    return None
+
+
+def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[str], samples: int = 8,
+                  seq_length: int = 512, use_te: bool | None = None, floor: bool = True) -> dict | None:
+    """Collective. Rank 0 returns the comparison; other ranks None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
+    from gptoss_nemo.evaluate.logits import megatron_logits
+    from gptoss_nemo.model.build import build_rank_model, resolve_use_te
+    from gptoss_nemo.parallel.setup import env_world_size, init_distributed
+
+    _, cfg = check_pair(out_dir, ckpt)
+    if seq_length > cfg.max_position_embeddings:
+        raise CheckpointError(f"--seq-length {seq_length} exceeds the model's {cfg.max_position_embeddings} positions")
+    ids = sequences(out_dir, data, samples, seq_length)
+    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
+    init_distributed(layout)
+    model = build_rank_model(cfg, layout, use_te=use_te, parallel_output=False)
+    load_dist_checkpoint(model, ckpt)
+    last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and \
+        ps.get_data_parallel_rank() == 0
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, last)
+    src = flags.index(True)
+    ours = []
+    for seq in ids:
+        out = megatron_logits(model, seq.unsqueeze(0).cuda())
+        got = _send_to_rank0(out.to(torch.bfloat16) if out is not None else None, src)
+        if got is not None:
+            ours.append(got)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    result = None
+    if dist.get_rank() == 0:
+        result = _against_transformers(out_dir, ids, torch.cat(ours), floor)
+        result.update({"export": str(out_dir), "checkpoint": str(ckpt), "sequences": len(ids),
+                       "seq_length": seq_length})
+    dist.barrier()
+    return result
+
+
+def _against_transformers(out_dir, ids: torch.Tensor, ours: torch.Tensor, floor: bool) -> dict:
+    from transformers import GptOssForCausalLM
+
+    from gptoss_nemo.checkpoint.hf_layout import check_checkpoint
+    from gptoss_nemo.evaluate.logits import compare
+
+    kwargs = {}
+    if check_checkpoint(out_dir).quantized:
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    logits = {}
+    for dtype in (torch.bfloat16, torch.float32) if floor else (torch.bfloat16,):
+        model = GptOssForCausalLM.from_pretrained(out_dir, dtype=dtype, attn_implementation="eager",
+                                                  device_map="auto", **kwargs).eval()
+        with torch.no_grad():
+            logits[dtype] = torch.cat([model(input_ids=s.unsqueeze(0).to(model.device)).logits.cpu() for s in ids])
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    ref = compare(logits[torch.bfloat16].float(), ours.float())
+    out = {"min_cos": ref["min_cos"], "mean_cos": sum(ref["cos_per_sequence"]) / len(ref["cos_per_sequence"]),
+           "top1": ref["top1"]}
+    if floor:
+        noise = compare(logits[torch.float32], logits[torch.bfloat16].float())
+        out["transformers_bf16_vs_fp32"] = {"min_cos": noise["min_cos"], "top1": noise["top1"]}
+    return out
