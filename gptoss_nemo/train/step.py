@@ -120,7 +120,8 @@ def train_step(model, optimizer, scheduler, batches: GlobalBatches, step: int, s
     scheduler.step(increment=1)
     lm_loss, tokens = global_mean(totals)
     return {"lm_loss": lm_loss, "loss_tokens": tokens, "grad_norm": float(grad_norm) if grad_norm is not None else
-            float("nan"), "update_ok": bool(ok), "lr": lr, "seconds": time.perf_counter() - start}
+            float("nan"), "update_ok": bool(ok), "lr": lr, "seconds": time.perf_counter() - start,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
 
 
 def aux_losses(router: RouterConfig, num_layers: int, num_microbatches: int, step: int) -> dict:
