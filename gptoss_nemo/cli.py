@@ -217,6 +217,17 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
                    help="megatron's local layer spec even when Transformer Engine imports")
 
 
+def _recipe_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """RECIPE [a.b=c ...] [--local-spec] [--dry-run]: what every recipe-driven stage takes."""
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--local-spec", action="store_true",
+                   help="megatron's local layer spec even when Transformer Engine imports")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss-nemo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gptoss-nemo {__version__}")
@@ -257,25 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
                         ("qat", "quantization-aware training (ModelOpt MXFP4/NVFP4 fake quant on the experts) of an "
                                 "SFT checkpoint (torchrun/srun)"),
                         ("ptq", "post-training quantization of an SFT checkpoint, no training (torchrun/srun)")):
-        p = sub.add_parser(stage, help=text)
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*", help="section.key=value")
-        p.add_argument("--local-spec", action="store_true",
-                       help="megatron's local layer spec even when Transformer Engine imports")
-        p.add_argument("--dry-run", action="store_true",
-                       help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
-        p.set_defaults(func=_train_stage)
+        _recipe_args(sub.add_parser(stage, help=text)).set_defaults(func=_train_stage)
 
-    p = sub.add_parser("pipeline", help="import -> SFT -> PTQ -> QAT -> export -> eval from one recipe; a rerun "
-                                        "continues after the last complete stage (torchrun/srun)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p = _recipe_args(sub.add_parser("pipeline", help="import -> SFT -> PTQ -> QAT -> export -> eval from one "
+                                                     "recipe; a rerun continues after the last complete stage "
+                                                     "(torchrun/srun)"))
     p.add_argument("--only", choices=["hf", "import", "sft", "ptq", "qat", "export", "eval"],
                    help="run this stage only (when it is not done)")
-    p.add_argument("--local-spec", action="store_true",
-                   help="megatron's local layer spec even when Transformer Engine imports")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("verify-export", help="compare a Hugging Face export's logits (transformers) with the "

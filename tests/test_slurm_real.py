@@ -39,6 +39,19 @@ def _wait(job: str, timeout: float = 300) -> dict:
     pytest.fail(f"job {job} did not finish in {timeout} s")
 
 
+def _submitted_plan(stage: str, run: Path, out: str) -> dict:
+    """Wait for the job `launch --submit` printed; it must complete; the one dry-run plan its log holds (rank 0)."""
+    job = json.loads(out)["submitted"]["jobs"][0]
+    state = _wait(job)
+    log = run / "logs" / f"gptoss-nemo-{stage}-{job}.out"
+    text = log.read_text() if log.is_file() else "(no log)"
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
+    plans = [json.loads(line)["dry_run"] for line in text.splitlines() if line.startswith('{"dry_run"')]
+    assert len(plans) == 1, text[-3000:]  # rank 0 only
+    assert "master " in text
+    return plans[0]
+
+
 def test_dry_run_job_with_two_tasks(tiny_ckpt_meta, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run dir"  # a space: the path must survive the script, sbatch and srun
@@ -46,17 +59,10 @@ def test_dry_run_job_with_two_tasks(tiny_ckpt_meta, tmp_path, capsys, monkeypatc
                  "data.train=[synthetic:arithmetic:64]", "cluster.gpus_per_node=2", "parallel.ep=2",
                  "cluster.time=00:15:00", "cluster.stop_before_limit_s=60", "--dry-run", "--submit",
                  "--local-spec"]) == 0
-    job = json.loads(capsys.readouterr().out)["submitted"]["jobs"][0]
-    state = _wait(job)
-    log = run / "logs" / f"gptoss-nemo-sft-{job}.out"
-    text = log.read_text() if log.is_file() else "(no log)"
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
-    plans = [json.loads(line)["dry_run"] for line in text.splitlines() if line.startswith('{"dry_run"')]
-    assert len(plans) == 1, text[-3000:]  # rank 0 only
-    plan = plans[0]
+    plan = _submitted_plan("sft", run, capsys.readouterr().out)
     assert plan["world_size"] == 2 and plan["data_parallel"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1}
     assert plan["data"]["lines"] == 64 and plan["data"]["bad"] == 0 and plan["micro_batches_per_step"] == 2
-    assert "master " in text and "--requeue" not in (run / "launch" / "sft.sbatch").read_text()
+    assert "--requeue" not in (run / "launch" / "sft.sbatch").read_text()
 
 
 def test_pipeline_dry_run_job(tmp_path, capsys, monkeypatch):
@@ -68,13 +74,6 @@ def test_pipeline_dry_run_job(tmp_path, capsys, monkeypatch):
     assert main(["launch", "pipeline", str(recipe), f"run_dir={run}", "data.train=[synthetic:arithmetic:64:0:1]",
                  "cluster.gpus_per_node=2", "parallel.ep=2", "cluster.time=00:15:00", "cluster.stop_before_limit_s=60",
                  "--dry-run", "--submit", "--local-spec"]) == 0
-    job = json.loads(capsys.readouterr().out)["submitted"]["jobs"][0]
-    state = _wait(job)
-    log = run / "logs" / f"gptoss-nemo-pipeline-{job}.out"
-    text = log.read_text() if log.is_file() else "(no log)"
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
-    plans = [json.loads(line)["dry_run"] for line in text.splitlines() if line.startswith('{"dry_run"')]
-    assert len(plans) == 1, text[-3000:]
-    plan = plans[0]
+    plan = _submitted_plan("pipeline", run, capsys.readouterr().out)
     assert plan["world_size"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1} and plan["data"]["lines"] == 64
     assert set(plan["stages"].values()) == {"to run"} and not (run / "hf-tiny").exists()  # a dry run writes nothing
