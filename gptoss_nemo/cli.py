@@ -81,16 +81,23 @@ def _plan(args: argparse.Namespace) -> int:
         from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
 
         cfg, _ = read_dist_checkpoint_config(recipe.checkpoint)
-    if pipeline:
-        recipe = recipe.sft_recipe()
+    qat_stage = pipeline and recipe.qat.enabled
+    if pipeline:  # the QAT stage holds the most (same layout and data, plus the fake-quantized experts)
+        recipe = recipe.qat_recipe() if qat_stage else recipe.sft_recipe()
     te = not args.local_spec
     recipe.parallel.validate(cfg, args.world_size, te=te)
+    qat = getattr(recipe, "quant", None) is not None or (pipeline and qat_stage)
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
-                          recipe.train.micro_batch_size, te=te)
+                          recipe.train.micro_batch_size, te=te, qat=qat)
     fits = mem.total <= args.gpu_memory_gib * GIB
+    from gptoss_nemo.train.flops import train_flops_per_token
+
+    tokens = recipe.train.global_batch_size * recipe.data.seq_length
+    step_s = train_flops_per_token(cfg, recipe.data.seq_length) * tokens / (args.world_size * args.tflops * 1e12)
     print(json.dumps({"layout": {"tp": recipe.parallel.tp, "ep": recipe.parallel.ep, "pp": recipe.parallel.pp,
                                  "world_size": args.world_size}, "busiest_stage": stage, "per_gpu_gib": mem.gib(),
-                      "gpu_memory_gib": args.gpu_memory_gib, "fits": fits}))
+                      "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits, "tokens_per_step": tokens,
+                      "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops}))
     if not fits:
         print(f"gptoss-nemo plan: warning: the estimate ({mem.total / GIB:.1f} GiB) exceeds {args.gpu_memory_gib} GiB "
               "per GPU; raise ep/pp, lower data.seq_length or train.micro_batch_size", file=sys.stderr)
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, required=True, help="GPUs in the job")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--model", help="a preset (gpt-oss-20b, gpt-oss-120b, tiny) instead of the recipe's checkpoint")
+    p.add_argument("--tflops", type=float, default=400.0,
+                   help="achieved BF16 TFLOP/s per GPU assumed for the step-time estimate (model FLOPs, active "
+                        "experts only; 400 is about 40%% of an H100's dense BF16 peak)")
     p.add_argument("--local-spec", action="store_true", help="plan for megatron's local spec instead of TE")
     p.set_defaults(func=_plan)
 

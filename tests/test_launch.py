@@ -145,12 +145,38 @@ def test_print_is_the_script_that_submit_writes(ckpt_120b, tmp_path, capsys, mon
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     assert main([*args, "--submit"]) == 0
     submitted = json.loads(capsys.readouterr().out)["submitted"]
-    script = Path(submitted["script"])
+    (script,) = map(Path, submitted["scripts"])
     assert submitted["jobs"] == ["77"] and printed.startswith(script.read_text())
     assert (fake / "sbatch.args").read_text().split() == [
         "--parsable", f"--output={tmp_path / 'run'}/logs/%x-%j.out", str(script)]
     recipe = load_recipe(SFTRecipe, RECIPE, [f"checkpoint={ckpt_120b}"])
     assert f"--ntasks-per-node={recipe.cluster.gpus_per_node}" in printed
+
+
+def test_pipeline_submits_one_job_per_stage_left_chained_afterok(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # a fake sbatch: job ids 100, 101, ... and every call's arguments kept
+    (fake / "sbatch").write_text('#!/bin/bash\nn=$(ls "$(dirname "$0")" | grep -c args)\n'
+                                 'echo "$@" > "$(dirname "$0")/args.$n"\necho "$((100 + n))"\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    run = tmp_path / "run"
+    (run / "hf-tiny").mkdir(parents=True)  # the first stage is done: it gets no job
+    (run / "hf-tiny" / "config.json").write_text("{}")
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    monkeypatch.setattr("gptoss_nemo.pipeline.run.hf_config", lambda r: __import__(
+        "gptoss_nemo.model.presets", fromlist=["tiny"]).tiny())
+    assert main(["launch", "pipeline", str(recipe), f"run_dir={run}", "--submit", "--local-spec"]) == 0
+    submitted = json.loads(capsys.readouterr().out)["submitted"]
+    stages = ["import", "sft", "ptq", "qat", "export", "eval"]
+    assert submitted["jobs"] == [str(100 + i) for i in range(6)]
+    assert [Path(s).stem for s in submitted["scripts"]] == stages
+    for i, stage in enumerate(stages):
+        args = (fake / f"args.{i}").read_text().split()
+        assert (f"--dependency=afterok:{99 + i}" in args) == (i > 0)
+        assert f"--only {stage}" in (run / "launch" / f"{stage}.sbatch").read_text()
 
 
 def test_local_needs_one_node(ckpt_120b, capsys):

@@ -78,13 +78,27 @@ def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry
         os.execv(cmd[0], cmd)
     run_dir = Path(recipe.run_dir if isinstance(recipe, PipelineRecipe) else recipe.train.out_dir).absolute()
     python = "python" if cluster.container_image else sys.executable  # the container's, or this environment's
-    script = sbatch_script(cluster, run_dir, [python, "-m", "gptoss_nemo", *argv],
-                           job_name=f"{cluster.job_name}-{stage}", workdir=Path.cwd(), gpus=not dry_run)
-    path = run_dir / "launch" / f"{stage}.sbatch"
+    jobs = {stage: argv}
+    if isinstance(recipe, PipelineRecipe) and not dry_run:
+        # one job per stage still to run, each after the previous one succeeded (afterok): a stage that fails
+        # stops the chain; a requeued stage keeps the later ones waiting
+        from gptoss_nemo.pipeline.run import status
+
+        todo = [s for s, st in status(recipe).items() if st == "to run"]
+        jobs = {s: [*argv, "--only", s] for s in todo}
+    scripts = {name: sbatch_script(cluster, run_dir, [python, "-m", "gptoss_nemo", *job],
+                                   job_name=f"{cluster.job_name}-{name}", workdir=Path.cwd(), gpus=not dry_run)
+               for name, job in jobs.items()}
     if mode == "print":
-        print(script)
-        print(f"# written to {path} and submitted by `gptoss-nemo launch {stage} ... --submit` as:")
-        print("# " + shlex.join(sbatch_command(path, run_dir)))
+        after = None
+        for name, script in scripts.items():
+            path = run_dir / "launch" / f"{name}.sbatch"
+            print(script)
+            print(f"# written to {path} and submitted by `gptoss-nemo launch {stage} ... --submit` as:")
+            print("# " + shlex.join(sbatch_command(path, run_dir, after=after)))
+            after = f"<job id of {name}>"
         return
-    ids = submit_chain([write_script(script, run_dir, stage)], run_dir)
-    print(json.dumps({"submitted": {"stage": stage, "jobs": ids, "script": str(path), "logs": str(run_dir / "logs")}}))
+    ids = submit_chain([write_script(script, run_dir, name) for name, script in scripts.items()], run_dir)
+    print(json.dumps({"submitted": {"stage": stage, "jobs": ids, "scripts": [str(run_dir / "launch" / f"{n}.sbatch")
+                                                                             for n in scripts],
+                                    "logs": str(run_dir / "logs")}}))

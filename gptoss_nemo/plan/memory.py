@@ -15,6 +15,8 @@ tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
     MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
                2TH + 4TE + 2kT(H + 2I + I + H + H)
 Output logits (FP32, last stage): 4 T V / TP. A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
+QAT adds the fake-quantized copy of every expert weight the rank holds (BF16, kept by autograd for the backward of
+each expert matmul): 2 bytes per held expert parameter.
 This is a planning estimate; tests/gpu checks it against measured peak memory.
 """
 
@@ -55,10 +57,11 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float
+    quantization: float = 0.0  # QAT: the fake-quantized expert weights
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.quantization
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in {**asdict(self), "total": self.total}.items()}
@@ -82,7 +85,7 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
-             te: bool = True) -> tuple[MemoryEstimate, int]:
+             te: bool = True, qat: bool = False) -> tuple[MemoryEstimate, int]:
     """(the busiest stage's per-GPU estimate, that stage); layout validity is the caller's check."""
     dp, edp = world_size // (layout.tp * layout.pp), world_size // (layout.ep * layout.pp)
     best = None
@@ -94,6 +97,7 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
             gradients=4 * held,
             optimizer=12 * (p.dense / dp + p.expert / edp),
             activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te),
+            quantization=2 * p.expert if qat else 0.0,
         )
         if best is None or m.total > best[0].total:
             best = (m, stage)
