@@ -81,6 +81,9 @@ def main(fmt: str, out: str, port: str) -> None:
         "amax_equal": all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
                           for x, y in amax.values()),
         "has_amax": any(x is not None for x, _ in amax.values()),
+        # NVFP4: one per-tensor scale per projection, shared by the experts (fc1 and fc2 each have one value)
+        "amax_values": {proj: sorted({float(x) for n, (x, _) in amax.items() if n.endswith(proj) and x is not None})
+                        for proj in ("linear_fc1", "linear_fc2")},
         "files": sorted(os.listdir(out))}))
     dist.destroy_process_group()
 

@@ -64,9 +64,12 @@ def test_presets_quantize_exactly_the_experts(fmt, te):
         assert tuple(cfg["num_bits"]) == (2, 1)  # E2M1 values
     inputs = {n for n in enabled if n.endswith("input_quantizer")}
     assert bool(inputs) == (fmt == "nvfp4_w4a4")  # activations only in w4a4
+    cfg = enabled[experts[0]]
     if fmt == "mxfp4":
-        cfg = enabled[experts[0]]
         assert cfg["block_sizes"][-1] == 32 and tuple(cfg["block_sizes"]["scale_bits"]) == (8, 0)  # E8M0 per 32
+    else:  # NVFP4: E4M3 scale per 16 elements, one per-tensor scale per projection shared by the layer's experts
+        assert cfg["block_sizes"][-1] == 16 and tuple(cfg["block_sizes"]["scale_bits"]) == (4, 3)
+        assert modelopt_config(fmt)["algorithm"] == {"method": "max", "sync_expert_weight_amax": True}
 
 
 def _recipe(*overrides):

@@ -25,6 +25,8 @@ def test_quantizers_survive_save_and_load(fmt, port, tmp_path):
     assert got["quantized"] and got["experts"] == got["expected"] and len(got["experts"]) == 8  # 4 x fc1, fc2
     assert got["weights_equal"] and got["quantizers_equal"] and got["amax_equal"]
     assert got["has_amax"] == (fmt == "nvfp4")  # NVFP4's per-tensor amax is calibrated state; MXFP4 has none
+    if fmt == "nvfp4":  # shared by the 4 experts of each projection
+        assert all(len(v) == 1 for v in got["amax_values"].values()), got["amax_values"]
     assert {"modelopt_state", "gptoss_nemo.json", "hf"} <= set(got["files"])
     meta = json.loads((tmp_path / "ckpt" / "gptoss_nemo.json").read_text())
     assert meta["quant"] == {"format": fmt, "stage": "ptq"}
