@@ -329,9 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")
     p.add_argument("ckpt")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=["bf16", "mxfp4"], default="bf16",
+    p.add_argument("--format", choices=["bf16", "mxfp4", "nvfp4"], default="bf16",
                    help="bf16: the experts as the model computes with them (a QAT/PTQ checkpoint's fake-quantized "
-                        "weights); mxfp4: experts in openai/gpt-oss's MXFP4 layout (exactly QAT's values)")
+                        "weights); mxfp4: experts in openai/gpt-oss's MXFP4 layout (exactly QAT's values); nvfp4: "
+                        "ModelOpt's HF NVFP4 layout (an nvfp4 / nvfp4_w4a4 QAT or PTQ checkpoint)")
     p.add_argument("--overwrite", action="store_true")
     _parallel_args(p)
     p.set_defaults(func=_export)

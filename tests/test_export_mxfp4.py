@@ -102,3 +102,64 @@ def test_progress_line_counts_bf16_bytes():
     items = [("a", torch.zeros(500, dtype=torch.bfloat16)), ("b", torch.zeros(250, dtype=torch.uint8))]
     assert [n for n, _ in with_progress(items, 1500, stream=out)] == ["a", "b"]
     assert out.getvalue().strip().splitlines()[-1].startswith("export: 0.0 / 0.0 GB (100.0%)")
+
+
+def test_nvfp4_codec_rules():
+    """Hand-checked NVFP4 cases: global scale amax / 2688, E4M3 block scale of block_amax / (6 gs), ties to the
+    even code, even element in the low nibble, the kernel's S < 1e-5 guard, saturation at 6."""
+    import torch
+
+    from gptoss_nemo.checkpoint import nvfp4
+
+    amax = 2688.0  # gs = 1
+    w = torch.zeros(2, 32)
+    w[0, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -6.0, -0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 0.0])
+    w[0, 16:] = 3.0  # block amax 3 -> s8 = E4M3(0.5) = 0.5, codes 6.0
+    w[1, :16] = 1e-6  # S = E4M3(1e-6 / 6) ~ 0 < 1e-5: the guard; everything quantizes to 0
+    packed, scales, gs = nvfp4.quantize(w, amax)
+    assert gs.item() == 1.0 and scales.float()[0].tolist() == [1.0, 0.5] and packed.shape == (2, 16)
+    codes = torch.stack([packed & 15, packed >> 4], -1).reshape(2, 32)
+    # 6, .25->0, .75->1.0, 1.25->1.0, 1.75->2.0, 2.5->2.0, 3.5->4.0, 5->4.0, -6, -.5, 1, 1.5, 2, 3, 4, 0
+    assert codes[0, :16].tolist() == [7, 0, 2, 2, 4, 4, 6, 6, 15, 9, 2, 3, 4, 5, 6, 0]
+    assert (codes[0, 16:] == 7).all() and (codes[1] == 0).all()
+    assert packed[0, 0] == 7 | (0 << 4) and packed[0, 1] == 2 | (2 << 4)  # element 2j low, 2j+1 high
+    q = nvfp4.dequantize(packed, scales, gs, torch.float32)
+    assert q[0, :8].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0] and (q[0, 16:] == 3.0).all()
+    assert (q[1] == 0).all()
+    # a stale amax (weights grew after calibration): the block scale saturates at 448 and codes at 6
+    big = nvfp4.fake_quantize(torch.full((1, 16), 10.0), amax=1.0)
+    assert torch.allclose(big, torch.full((1, 16), 6 * 448 / 2688.0))
+
+
+def test_nvfp4_export_layout_and_config():
+    """ModelOpt's HF NVFP4 layout for gpt-oss: fused [E, in/2, out] codes, [E, in/16, out] E4M3 scales, one FP32
+    scale per projection; dequantized, the experts equal the codec's values of each expert's [out, in] weight."""
+    import torch
+
+    from gptoss_nemo.checkpoint import nvfp4
+    from gptoss_nemo.convert.to_nvfp4 import quantization_configs, to_nvfp4
+
+    torch.manual_seed(0)
+    e, h, i = 4, 64, 32
+    gate_up = (torch.randn(e, h, 2 * i) * 0.02).to(torch.bfloat16)
+    down = (torch.randn(e, i, h) * 0.02).to(torch.bfloat16)
+    amax = {(0, "linear_fc1"): (0.1, None), (0, "linear_fc2"): (0.09, 3.5)}
+    out = dict(to_nvfp4([("model.layers.0.mlp.experts.gate_up_proj", gate_up),
+                         ("model.layers.0.mlp.experts.down_proj", down),
+                         ("model.layers.0.mlp.router.weight", torch.ones(e, h))], amax))
+    p = "model.layers.0.mlp.experts."
+    assert out[p + "gate_up_proj"].shape == (e, h // 2, 2 * i) and out[p + "gate_up_proj"].dtype == torch.uint8
+    assert out[p + "gate_up_proj_weight_scale"].shape == (e, h // 16, 2 * i)
+    assert out[p + "gate_up_proj_weight_scale"].dtype == torch.float8_e4m3fn
+    assert out[p + "gate_up_proj_weight_scale_2"].shape == () and p + "gate_up_proj_input_scale" not in out
+    assert out[p + "down_proj_input_scale"].item() == torch.tensor(3.5 / 2688.0).item()
+    assert torch.equal(out["model.layers.0.mlp.router.weight"], torch.ones(e, h))
+    for k in range(e):
+        deq = nvfp4.dequantize(out[p + "down_proj"][k].t(), out[p + "down_proj_weight_scale"][k].t(),
+                               out[p + "down_proj_weight_scale_2"])
+        assert torch.equal(deq, nvfp4.fake_quantize(down[k].t(), 0.09))
+    config, hf_quant = quantization_configs(num_layers=2, activations=False)
+    assert config["quant_method"] == "modelopt" and config["quant_algo"] == "W4A16_NVFP4"
+    assert "input_activations" not in config["config_groups"]["group_0"]
+    assert hf_quant["quantization"]["group_size"] == 16 and "model.layers.1.mlp.router" in config["ignore"]
+    assert quantization_configs(2, activations=True)[0]["quant_algo"] == "NVFP4"

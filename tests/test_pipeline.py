@@ -44,6 +44,8 @@ def test_tiny_recipe_layout_and_stage_recipes():
     ("model.hf=/some/dir", "exactly one of model.hf"),
     ("sft.train.out_dir=/elsewhere", "sft.train.out_dir is set by the pipeline"),
     ("export=[int4]", "export has 'int4'"),
+    ("export=[nvfp4]", "an NVFP4 export needs an NVFP4 QAT"),
+    ("qat.quant.format=nvfp4", "export has mxfp4 but QAT trains nvfp4"),
     ("eval.checker=bogus", "--checker 'bogus'"),
     ("qat.optimizer.lr=1e-3", "too high for QAT"),
     ("qat.quant.modules=[router]", "the router stays BF16"),

@@ -121,6 +121,11 @@ def test_export_formats_must_represent_the_training(tmp_path):
         check_format("nvfp4", "mxfp4", tmp_path)
     with pytest.raises(ConfigError, match="--format int4"):
         check_format(None, "int4", tmp_path)
+    check_format("nvfp4", "nvfp4", tmp_path)
+    check_format("nvfp4_w4a4", "nvfp4", tmp_path)
+    for trained in (None, "mxfp4"):
+        with pytest.raises(ConfigError, match="needs the NVFP4 scales"):
+            check_format(trained, "nvfp4", tmp_path)
 
 
 def test_qat_and_ptq_dry_run(tiny_ckpt_meta, capsys):

@@ -24,7 +24,7 @@ from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.megatron_config import RouterConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
 
-EXPORT_FORMATS = ("mxfp4", "bf16")
+EXPORT_FORMATS = ("mxfp4", "nvfp4", "bf16")
 
 
 def is_pipeline_recipe(path: str | Path) -> bool:
@@ -87,9 +87,16 @@ class PipelineRecipe:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
+        trained = self.qat.quant.format if self.qat.enabled else None
         for fmt in self.export:
             if fmt not in EXPORT_FORMATS:
                 raise ConfigError(f"export has {fmt!r}; use formats from {', '.join(EXPORT_FORMATS)}")
+            if fmt == "nvfp4" and trained not in ("nvfp4", "nvfp4_w4a4"):
+                raise ConfigError(f"export has nvfp4 but qat.quant.format is {trained}: an NVFP4 export needs an "
+                                  "NVFP4 QAT (qat.quant.format=nvfp4 or nvfp4_w4a4)")
+            if fmt == "mxfp4" and trained not in (None, "mxfp4"):
+                raise ConfigError(f"export has mxfp4 but QAT trains {trained}: export [{trained.split('_')[0]}] or "
+                                  "[bf16]")
         for key, stage in (("sft", self.sft), ("qat", self.qat)):
             if stage.train.out_dir != TrainConfig().out_dir:
                 raise ConfigError(f"{key}.train.out_dir is set by the pipeline (run_dir/{key}); set run_dir instead")

@@ -7,8 +7,9 @@ source checkpoint, the index). MXFP4: convert/to_mxfp4.py, applied layer by laye
 A quantized (QAT / PTQ) checkpoint exports the weights its forward pass computes with: each expert weight
 through its ModelOpt quantizer (quantize/modelopt_state.py `fake_quant`). `--format bf16` writes those values
 in BF16; `--format mxfp4` packs them (an MXFP4-trained weight packs exactly: the codec reproduces ModelOpt's CUDA
-fake quant, so every dequantized element equals the trained fake-quant value). NVFP4-trained checkpoints export
-to BF16 only until the NVFP4 writer lands.
+fake quant, so every dequantized element equals the trained fake-quant value). `--format nvfp4` writes
+ModelOpt's Hugging Face NVFP4 layout (convert/to_nvfp4.py) from the raw weights and the trained quantizers' amax
+of an nvfp4 / nvfp4_w4a4 checkpoint, with ModelOpt's `quantization_config` and hf_quant_config.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
 from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
+from gptoss_nemo.convert.to_nvfp4 import to_nvfp4
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.build import resolve_use_te
 from gptoss_nemo.model.hf_config import GptOssConfig
@@ -30,7 +32,8 @@ from gptoss_nemo.parallel.setup import all_coords, current_coords
 from gptoss_nemo.quantize import modelopt_state
 
 
-FORMATS = ("bf16", "mxfp4")
+FORMATS = ("bf16", "mxfp4", "nvfp4")
+NVFP4_TRAINED = ("nvfp4", "nvfp4_w4a4")
 
 
 def export_hf(
@@ -51,7 +54,10 @@ def export_hf(
     coords = all_coords(me)
     gpt = unwrap(model)
     local = dict(gpt.named_parameters())
-    if modelopt_state.is_quantized(gpt):
+    amax = None
+    if fmt == "nvfp4":  # codes and scales from the raw weights and the trained quantizers' amax
+        amax = modelopt_state.expert_amax(gpt, cfg.num_hidden_layers)
+    elif modelopt_state.is_quantized(gpt):
         local.update(modelopt_state.fake_quant(gpt))
     tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))
     if me.rank == 0:
@@ -59,12 +65,19 @@ def export_hf(
         from gptoss_nemo.model.param_count import count_parameters
 
         tensors = with_progress(tensors, 2 * count_parameters(cfg).total)
+        if fmt == "mxfp4":
+            tensors = to_mxfp4(tensors)
+        elif fmt == "nvfp4":
+            tensors = to_nvfp4(tensors, amax)
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            write_shards(to_mxfp4(tensors) if fmt == "mxfp4" else tensors, tmp, max_shard_bytes)
+            write_shards(tensors, tmp, max_shard_bytes)
             cfg.replace(quantized=fmt == "mxfp4").save(tmp)
             if side_files_from is not None:
                 copy_side_files(side_files_from, tmp)
-            check_checkpoint(tmp)
+            if fmt == "nvfp4":
+                write_nvfp4_config(tmp, cfg, activations=any(v[1] is not None for v in amax.values()))
+            else:
+                check_checkpoint(tmp)
     else:
         for _ in tensors:
             pass
@@ -102,3 +115,19 @@ def check_format(trained: str | None, fmt: str, ckpt_dir) -> None:
     if trained and trained != "mxfp4" and fmt == "mxfp4":
         raise ConfigError(f"{ckpt_dir} was quantized with {trained}; packing its weights as MXFP4 would quantize them "
                           "a second time: export --format bf16 (its fake-quantized weights)")
+    if fmt == "nvfp4" and trained not in NVFP4_TRAINED:
+        raise ConfigError(f"{ckpt_dir} is {'quantized with ' + trained if trained else 'a BF16 checkpoint'}; an NVFP4 "
+                          "export needs the NVFP4 scales of a QAT or PTQ run (gptoss-nemo qat/ptq with "
+                          "quant.format=nvfp4 or nvfp4_w4a4)")
+
+
+def write_nvfp4_config(out: Path, cfg: GptOssConfig, activations: bool) -> None:
+    """config.json's `quantization_config` and hf_quant_config.json, as ModelOpt writes them."""
+    import json
+
+    from gptoss_nemo.convert.to_nvfp4 import quantization_configs
+
+    config, hf_quant = quantization_configs(cfg.num_hidden_layers, activations)
+    path = out / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": config}, indent=2) + "\n")
+    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")

@@ -82,3 +82,25 @@ def fake_quant(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
             if _WEIGHT.match(pname):
                 out[f"{name}.{pname}"] = module.weight_quantizer(p)
     return out
+
+
+def expert_amax(gpt: torch.nn.Module, num_layers: int) -> dict:
+    """Collective. {(global layer, "linear_fc1" | "linear_fc2"): (weight amax, input amax or None)} on every
+    rank, from the (expert-shared) quantizers of each layer's first local expert."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    offset = ps.get_pipeline_model_parallel_rank() * (num_layers // ps.get_pipeline_model_parallel_world_size())
+    mine = {}
+    for name, module in expert_weight_quantizers(gpt):
+        parts = name.split(".")
+        layer, proj = offset + int(parts[parts.index("layers") + 1]), parts[-1]
+        inq = getattr(module, "input_quantizer", None)
+        amax = module.weight_quantizer.amax
+        if amax is None:
+            raise RuntimeError(f"{name}: the weight quantizer has no amax (not an NVFP4-quantized checkpoint?)")
+        in_amax = float(inq.amax.max()) if inq is not None and inq.is_enabled and inq.amax is not None else None
+        mine.setdefault((layer, proj), (float(amax.max()), in_amax))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}

@@ -183,6 +183,29 @@ def test_qat_recovers_the_ptq_gap_and_exports_exactly(qat_runs, tmp_path):
     assert controlled["mxfp4"] is not None and controlled["mxfp4"] <= 0.2, summary
 
 
+def test_nvfp4_export_matches_the_fake_quant(qat_runs, tmp_path):
+    """The NVFP4 QAT checkpoint in ModelOpt's HF NVFP4 layout: dequantized (E2M1 x (E4M3 scale x FP32 scale)) it
+    equals ModelOpt's fake-quantized weights (its Triton kernel) element for element."""
+    from gptoss_nemo.checkpoint import nvfp4
+
+    ckpt = qat_runs["nvfp4"] / "checkpoints" / f"step_{QAT_STEPS:07d}"
+    for i, fmt in enumerate(("bf16", "nvfp4")):
+        torchrun(1, "-m", "gptoss_nemo", "export", str(ckpt), str(tmp_path / fmt), "--format", fmt, "--local-spec",
+                 port=29840 + i)
+    fq, packed = read_tensors(tmp_path / "bf16"), read_tensors(tmp_path / "nvfp4")
+    config = json.loads((tmp_path / "nvfp4" / "config.json").read_text())["quantization_config"]
+    total = equal = 0
+    for name in [n for n in fq if n.endswith(("gate_up_proj", "down_proj"))]:
+        for e in range(fq[name].shape[0]):
+            deq = nvfp4.dequantize(packed[name][e].t(), packed[name + "_weight_scale"][e].t(),
+                                   packed[name + "_weight_scale_2"]).t()
+            total += deq.numel()
+            equal += int((deq == fq[name][e]).sum())
+    result("QAT NVFP4 export (ModelOpt HF layout) vs fake-quant weights", {"elements": total, "equal": equal,
+                                                                            "quant_algo": config["quant_algo"]})
+    assert config["quant_algo"] == "W4A16_NVFP4" and total and equal == total
+
+
 def test_eval_table(qat_runs, sft_last, tiny_with_tokenizer):
     """`gptoss-nemo eval` on the five rows and the BF16 control (gptoss-nemo checkpoints are exported in-process),
     records of another seed."""
