@@ -86,7 +86,7 @@ def _plan(args: argparse.Namespace) -> int:
         recipe = recipe.qat_recipe() if qat_stage else recipe.sft_recipe()
     te = not args.local_spec
     recipe.parallel.validate(cfg, args.world_size, te=te)
-    qat = getattr(recipe, "quant", None) is not None or (pipeline and qat_stage)
+    qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
                           recipe.train.micro_batch_size, te=te, qat=qat)
     fits = mem.total <= args.gpu_memory_gib * GIB

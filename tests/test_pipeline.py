@@ -10,7 +10,7 @@ import pytest
 from gptoss_nemo.cli import main
 from gptoss_nemo.config.load import load_recipe
 from gptoss_nemo.config.pipeline import PipelineRecipe
-from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.errors import ConfigError, DataError
 from gptoss_nemo.model.presets import preset
 from gptoss_nemo.plan.memory import GIB, estimate
 
@@ -67,6 +67,12 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     assert plan["stages"] == {s: "to run" for s in ("hf", "import", "sft", "ptq", "qat", "export", "eval")}
     assert plan["data"]["lines"] == 4000 and plan["data"]["bad"] == 0 and plan["tokens_per_step"] == 16 * 512
     assert not run.exists()
+    from gptoss_nemo.pipeline.run import dry_run  # the training data left to the stages that read it
+
+    r = load_recipe(PipelineRecipe, RECIPES / "tiny.yaml", [f"run_dir={run}", "data.train=[missing.jsonl]"])
+    assert "data" not in dry_run(r, use_te=False, data=False)
+    with pytest.raises(DataError, match="missing.jsonl: no such data file"):
+        dry_run(r, use_te=False)
     assert main(["pipeline", str(RECIPES / "tiny.yaml"), f"run_dir={run}", "parallel.ep=3", "--dry-run",
                  "--local-spec"]) == 2
     assert "ep=3" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def export_hf(
     local = dict(gpt.named_parameters())
     amax = None
     if fmt == "nvfp4":  # codes and scales from the raw weights and the trained quantizers' amax
-        amax = modelopt_state.expert_amax(gpt, cfg.num_hidden_layers)
+        amax = modelopt_state.expert_amax(gpt)
     elif modelopt_state.is_quantized(gpt):
         local.update(modelopt_state.fake_quant(gpt))
     tensors = gather_hf_tensors(local, cfg, layout, me, coords, te=bool(gpt.config.moe_grouped_gemm))

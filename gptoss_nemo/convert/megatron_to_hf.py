@@ -114,7 +114,7 @@ def _recv(src: int, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
-def _fetch(me: int, src: int, local: dict[str, torch.Tensor], names: list[str], device) -> dict | None:
+def fetch_to_rank0(me: int, src: int, local: dict[str, torch.Tensor], names: list[str], device) -> dict | None:
     """On rank 0: the tensors `names` as rank `src` holds them. On `src`: send them. Elsewhere: nothing."""
     if src == me == 0:
         return {n: local[n].detach().cpu() for n in names}
@@ -158,7 +158,7 @@ def gather_hf_tensors(
     expert_sfx = [s for s in suffixes if s.startswith("mlp.experts.")]
 
     def dense_pieces(stage: int, names: list[str]) -> Pieces | None:
-        got = [_fetch(me.rank, dense_src[(stage, t)], local, names, device) for t in range(layout.tp)]
+        got = [fetch_to_rank0(me.rank, dense_src[(stage, t)], local, names, device) for t in range(layout.tp)]
         return got if me.rank == 0 else None
 
     def embedding():
@@ -169,7 +169,7 @@ def gather_hf_tensors(
         stage, n = divmod(layer, layers_per_stage)
         prefix = f"decoder.layers.{n}."
         dense = dense_pieces(stage, [prefix + s for s in dense_sfx])
-        experts = [_fetch(me.rank, expert_src[(stage, e)], local, [prefix + s for s in expert_sfx], device)
+        experts = [fetch_to_rank0(me.rank, expert_src[(stage, e)], local, [prefix + s for s in expert_sfx], device)
                    for e in range(layout.ep)]
         if me.rank != 0:
             return None

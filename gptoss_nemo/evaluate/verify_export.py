@@ -60,25 +60,6 @@ def sequences(out_dir: str | Path, data: list[str], samples: int, seq_length: in
     return torch.stack([torch.as_tensor(s.tokens) for s in train[:samples]])
 
 
-def _send_to_rank0(t: torch.Tensor | None, src: int) -> torch.Tensor | None:
-    """The last stage's logits on global rank 0 (CPU); None elsewhere."""
-    import torch.distributed as dist
-
-    me = dist.get_rank()
-    if src == me == 0:
-        return t.cpu()
-    if me == src:
-        dist.send(torch.tensor(t.shape, device=t.device), 0)
-        dist.send(t.contiguous(), 0)
-    elif me == 0:
-        shape = torch.empty(3, dtype=torch.int64, device="cuda")
-        dist.recv(shape, src)
-        out = torch.empty(shape.tolist(), dtype=torch.bfloat16, device="cuda")
-        dist.recv(out, src)
-        return out.cpu()
-    return None
-
-
 def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[str], samples: int = 8,
                   seq_length: int = 512, use_te: bool | None = None, floor: bool = True) -> dict | None:
     """Collective. Rank 0 returns the comparison; other ranks None."""
@@ -86,6 +67,7 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     from megatron.core import parallel_state as ps
 
     from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
+    from gptoss_nemo.convert.megatron_to_hf import fetch_to_rank0
     from gptoss_nemo.evaluate.logits import megatron_logits
     from gptoss_nemo.model.build import build_rank_model, resolve_use_te
     from gptoss_nemo.parallel.setup import env_world_size, init_distributed
@@ -103,12 +85,13 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, last)
     src = flags.index(True)
-    ours = []
-    for seq in ids:
+    ours, device = [], torch.device("cuda", torch.cuda.current_device())
+    for seq in ids:  # the last stage's logits to rank 0, one sequence at a time
         out = megatron_logits(model, seq.unsqueeze(0).cuda())
-        got = _send_to_rank0(out.to(torch.bfloat16) if out is not None else None, src)
+        local = {"logits": out.to(torch.bfloat16)} if out is not None else {}
+        got = fetch_to_rank0(dist.get_rank(), src, local, ["logits"], device)
         if got is not None:
-            ours.append(got)
+            ours.append(got["logits"])
     del model
     gc.collect()
     torch.cuda.empty_cache()

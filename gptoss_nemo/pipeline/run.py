@@ -61,8 +61,9 @@ def hf_config(recipe: PipelineRecipe):
     return check_checkpoint(recipe.hf_dir)
 
 
-def dry_run(recipe: PipelineRecipe, use_te: bool | None = None) -> dict:
-    """Every check that needs no GPU, and the plan."""
+def dry_run(recipe: PipelineRecipe, use_te: bool | None = None, data: bool = True) -> dict:
+    """Every check that needs no GPU, and the plan. data=False leaves out reading and tokenizing the training
+    data (the SFT / PTQ / QAT stages check it themselves before their GPU work)."""
     from transformers import AutoTokenizer
 
     from gptoss_nemo.data.dataset import build_datasets
@@ -78,19 +79,22 @@ def dry_run(recipe: PipelineRecipe, use_te: bool | None = None) -> dict:
     if recipe.qat.enabled:
         recipe.qat_recipe().check_layout(cfg, world, te=te)
     check_records(recipe.eval.data, recipe.eval.samples)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = recipe.hf_dir if (recipe.hf_dir / "tokenizer.json").is_file() else Path(tmp)
-        if tok_dir == Path(tmp):
-            save_tokenizer(tmp)
-        train, valid, stats = build_datasets(recipe.data, AutoTokenizer.from_pretrained(tok_dir),
-                                             HARMONY_SPECIAL_TOKENS[PAD])
     t = recipe.sft.train
     mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, te=te)
-    return {"run_dir": str(recipe.root), "world_size": world, "data_parallel": dp, "layout": asdict(recipe.parallel),
+    plan = {"run_dir": str(recipe.root), "world_size": world, "data_parallel": dp, "layout": asdict(recipe.parallel),
             "stages": status(recipe), "tokens_per_step": t.global_batch_size * recipe.data.seq_length,
-            "data": {"train_sequences": len(train), "valid_sequences": len(valid), "lines": stats.lines,
-                     "bad": stats.bad, **stats.outcomes},
             "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "transformer_engine": te}
+    if data:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_dir = recipe.hf_dir
+            if not (tok_dir / "tokenizer.json").is_file():  # the tiny model is not written yet
+                save_tokenizer(tmp)
+                tok_dir = Path(tmp)
+            train, valid, stats = build_datasets(recipe.data, AutoTokenizer.from_pretrained(tok_dir),
+                                                 HARMONY_SPECIAL_TOKENS[PAD])
+        plan["data"] = {"train_sequences": len(train), "valid_sequences": len(valid), "lines": stats.lines,
+                        "bad": stats.bad, **stats.outcomes}
+    return plan
 
 
 def _between_stages() -> None:
@@ -129,8 +133,10 @@ def run(recipe: PipelineRecipe, use_te: bool | None = None, only: str | None = N
     from gptoss_nemo.train.sft import run_sft
 
     rank0 = env_rank() == 0
-    dry_run(recipe, use_te)  # every input check first, before any GPU time
     todo = {s for s, st in status(recipe).items() if st == "to run" and (only is None or s == only)}
+    # every input check first, before any GPU time; the training data only when the tiny model or the import would
+    # run before the first stage that reads it
+    dry_run(recipe, use_te, data=bool(todo & {"hf", "import"}))
     root = recipe.root
     if rank0:
         root.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,12 @@ def restore(gpt: torch.nn.Module, ckpt_dir: str | Path) -> None:
         raise RuntimeError(f"{ckpt_dir}: restoring the ModelOpt state did not quantize the model in place")
 
 
+def global_layer(gpt: torch.nn.Module, name: str) -> int:
+    """The 0-based model-wide layer of the module `decoder.layers.N...` of this pipeline stage (megatron's own
+    `layer_number`, which counts the layers of the stages before)."""
+    return gpt.decoder.layers[int(name.split(".")[2])].layer_number - 1
+
+
 def expert_weight_quantizers(gpt: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
     """(module name, module) of every expert linear layer whose weight quantizer is enabled."""
     for name, module in gpt.named_modules():
@@ -84,17 +90,14 @@ def fake_quant(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def expert_amax(gpt: torch.nn.Module, num_layers: int) -> dict:
+def expert_amax(gpt: torch.nn.Module) -> dict:
     """Collective. {(global layer, "linear_fc1" | "linear_fc2"): (weight amax, input amax or None)} on every
     rank, from the (expert-shared) quantizers of each layer's first local expert."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    offset = ps.get_pipeline_model_parallel_rank() * (num_layers // ps.get_pipeline_model_parallel_world_size())
     mine = {}
     for name, module in expert_weight_quantizers(gpt):
-        parts = name.split(".")
-        layer, proj = offset + int(parts[parts.index("layers") + 1]), parts[-1]
+        layer, proj = global_layer(gpt, name), name.split(".")[-1]
         inq = getattr(module, "input_quantizer", None)
         amax = module.weight_quantizer.amax
         if amax is None:

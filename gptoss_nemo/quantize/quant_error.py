@@ -9,8 +9,6 @@ Logged when QAT / PTQ quantizes the model ("before") and at the end of QAT ("aft
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 # per layer: [sum of |w-q|/|w|, count of w != 0, sum (w-q)^2, sum w^2] (summed) and max |w-q|/|w| (maxed)
@@ -40,18 +38,15 @@ def expert_quant_error(gpt: torch.nn.Module, num_layers: int) -> list[dict]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from gptoss_nemo.quantize.modelopt_state import fake_quant
+    from gptoss_nemo.quantize.modelopt_state import fake_quant, global_layer
 
     device = torch.device("cuda", torch.cuda.current_device())
     sums = torch.zeros(num_layers, _SUMS, device=device, dtype=torch.float64)
     maxes = torch.zeros(num_layers, device=device)
     counts = ps.get_tensor_model_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
-    offset = ps.get_pipeline_model_parallel_rank() * (num_layers // ps.get_pipeline_model_parallel_world_size())
     params = dict(gpt.named_parameters())
-    for name, q in fake_quant(gpt).items():
-        if not counts:
-            continue
-        layer = offset + int(re.search(r"decoder\.layers\.(\d+)\.", name).group(1))
+    for name, q in (fake_quant(gpt) if counts else {}).items():
+        layer = global_layer(gpt, name)
         s, m = element_stats(params[name], q)
         sums[layer] += s.double()
         maxes[layer] = torch.maximum(maxes[layer], m)
