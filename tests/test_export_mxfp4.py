@@ -131,6 +131,49 @@ def test_nvfp4_codec_rules():
     assert torch.allclose(big, torch.full((1, 16), 6 * 448 / 2688.0))
 
 
+def test_nvfp4_codes_reproduce_the_kernels_fake_quant():
+    """ModelOpt's Triton kernel divides with PTX div.full.f32 (not IEEE): at a rounding boundary it can pick the
+    other code, and (rarely) the other E4M3 block scale. Given the kernel's output, the codec returns codes and
+    scales that reproduce it exactly; an output no scale near the weight's own explains is refused."""
+    import pytest
+    import torch
+
+    from gptoss_nemo.checkpoint import nvfp4
+
+    amax = 2688.0  # gs = 1
+    w = torch.zeros(2, 32)
+    w[0, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -6.0, -0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 0.0])
+    w[0, 16:] = torch.linspace(-2.9, 3.0, 16)
+    w[1, :16] = torch.linspace(-0.3, 0.2, 16)
+    packed, scales, gs = nvfp4.quantize(w, amax)
+    ieee = nvfp4.dequantize(packed, scales, gs, torch.float32)
+    kernel = ieee.clone()
+    kernel[0, 2] = 0.5  # 0.75 / 1 came out a hair below the tie: 0.5 (code 1), not 1.0
+    bits = scales.view(torch.uint8).clone()
+    bits[1, 0] += 1  # the block scale of row 1, block 0 one E4M3 step up (its division rounded the other way)
+    s_up = bits.view(torch.float8_e4m3fn)
+    kernel[1, :16] = nvfp4.dequantize(packed, s_up, gs, torch.float32)[1, :16]
+    p2, s2, gs2 = nvfp4.quantize(w, amax, fake=kernel)
+    assert torch.equal(nvfp4.dequantize(p2, s2, gs2, torch.float32), kernel)
+    assert s2.view(torch.uint8)[1, 0] == bits[1, 0] and s2.view(torch.uint8)[0, 0] == scales.view(torch.uint8)[0, 0]
+    assert (p2[0, 1] & 15) == 1  # element 2 (low nibble of byte 1): code 1 = 0.5
+    with pytest.raises(ValueError, match="1 of 4 blocks"):
+        bad = kernel.clone()
+        bad[0, 5] = 2.2  # no E2M1 x scale near the weight's own is 2.2
+        nvfp4.quantize(w, amax, fake=bad)
+
+
+def test_nvfp4_formats_quantize_weights_alike():
+    """The export builds its reference weight quantizer from `nvfp4`; `nvfp4_w4a4` must quantize weights the same."""
+    from gptoss_nemo.quantize.formats import modelopt_config
+
+    def weight_cfgs(fmt):  # effective_bits: AutoQuantize's cost metadata, not part of the arithmetic
+        return {repr({k: v for k, v in e["cfg"].items() if k != "effective_bits"})
+                for e in modelopt_config(fmt)["quant_cfg"]
+                if "weight_quantizer" in e.get("quantizer_name", "") and e.get("cfg")}
+    assert weight_cfgs("nvfp4") == weight_cfgs("nvfp4_w4a4") and len(weight_cfgs("nvfp4")) == 1
+
+
 def test_nvfp4_export_layout_and_config():
     """ModelOpt's HF NVFP4 layout for gpt-oss: fused [E, in/2, out] codes, [E, in/16, out] E4M3 scales, one FP32
     scale per projection; dequantized, the experts equal the codec's values of each expert's [out, in] weight."""

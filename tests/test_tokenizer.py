@@ -98,3 +98,31 @@ def test_generation_prompt_and_dropped_old_analysis(tok, harmony):
         M.from_role_and_content(R.ASSISTANT, "yo").with_channel("final"), M.from_role_and_content(R.USER, "again")])
     assert tok.encode(prompt, add_special_tokens=False) == harmony.render_conversation_for_completion(convo, R.ASSISTANT)
     assert "old" not in prompt and prompt.endswith("<|start|>assistant")
+
+
+def test_prebuilt_tokenizer_dir_is_checked_and_used(tiny_mxfp4, tmp_path, monkeypatch):
+    """$GPTOSS_NEMO_TOKENIZER_DIR (images without bpe-openai): a directory save_tokenizer wrote is used as it is;
+    a missing file or another tokenizer is refused with the variable's name."""
+    import json
+
+    from gptoss_nemo.errors import ConfigError
+    from gptoss_nemo.tokenizer import o200k_harmony as oh200k
+
+    monkeypatch.setenv(oh200k.TOKENIZER_DIR_ENV, str(tiny_mxfp4))
+    oh200k.build_tokenizer.cache_clear()
+    try:
+        tok = oh200k.build_tokenizer()
+        assert tok.encode("<|start|>user<|message|>2+3").ids[:1] == [200006]
+        assert tok.get_vocab_size() == VOCAB_SIZE
+        monkeypatch.setenv(oh200k.TOKENIZER_DIR_ENV, str(tmp_path))
+        oh200k.build_tokenizer.cache_clear()
+        with pytest.raises(ConfigError, match="GPTOSS_NEMO_TOKENIZER_DIR.*does not exist"):
+            oh200k.build_tokenizer()
+        other = json.loads((tiny_mxfp4 / "tokenizer.json").read_text())
+        other["added_tokens"] = [t for t in other["added_tokens"] if t["content"] != "<|start|>"]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(other))
+        oh200k.build_tokenizer.cache_clear()
+        with pytest.raises(ConfigError, match="is not o200k_harmony"):
+            oh200k.build_tokenizer()
+    finally:
+        oh200k.build_tokenizer.cache_clear()

@@ -13,7 +13,8 @@ last axis, the E2M1 codes packed along the input axis (even input row in the low
 Biases, router, attention, norms, embeddings and the output layer stay BF16.
 
 The codes and scales are the ones ModelOpt's fake quant used in QAT (checkpoint/nvfp4.py), from the raw trained
-weights and the quantizers' amax (shared by a layer's experts: quantize/formats.py).
+weights, the quantizers' amax (shared by a layer's experts: quantize/formats.py) and, on the GPU, ModelOpt's own
+fake quant of each expert, which the codes are made to reproduce exactly.
 """
 
 from __future__ import annotations
@@ -29,15 +30,26 @@ from gptoss_nemo import __version__
 PROJECTIONS = {"gate_up_proj": "linear_fc1", "down_proj": "linear_fc2"}
 
 
-def quantize_experts(w: torch.Tensor, amax: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[E, in, out] -> (packed [E, in/2, out], scales [E, in/16, out], global scale []), one expert at a time."""
+def quantize_experts(w: torch.Tensor, amax: float, device: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[E, in, out] -> (packed [E, in/2, out], scales [E, in/16, out], global scale []), one expert at a time. On a
+    GPU the codes and scales reproduce ModelOpt's fake quant of each expert exactly (its own kernel is run on the
+    weight: checkpoint/nvfp4.py says why); without one, the codec alone (IEEE division)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fake = None
+    if device == "cuda":
+        from gptoss_nemo.quantize.modelopt_state import weight_quantizer
+
+        fake = weight_quantizer("nvfp4", amax)  # nvfp4 and nvfp4_w4a4 quantize weights alike (formats.py)
     e, k, rows = w.shape
     packed = torch.empty(e, k // 2, rows, dtype=torch.uint8)
     scales = torch.empty(e, k // nvfp4.BLOCK, rows, dtype=torch.float8_e4m3fn)
     gs = None
     for i in range(e):
-        p, s, gs = nvfp4.quantize(w[i].transpose(0, 1), amax)  # [out, in]: blocks along the input axis
-        packed[i], scales[i] = p.transpose(0, 1), s.transpose(0, 1)
+        wi = w[i].to(device).transpose(0, 1)  # [out, in]: blocks along the input axis
+        with torch.no_grad():
+            p, s, gs = nvfp4.quantize(wi, amax, fake=fake(wi.float()) if fake is not None else None)
+        packed[i], scales[i] = p.transpose(0, 1).cpu(), s.transpose(0, 1).cpu()
     return packed, scales, gs.cpu()
 
 

@@ -6,7 +6,9 @@ output rows + final norm (last stage), each vocabulary matrix split over TP.
 
 Bytes per held parameter: 2 (BF16 weight) + 4 (FP32 gradient buffer, grad_reduce_in_fp32) + 12 (FP32 main weight,
 Adam m and v) divided over the data-parallel group that replicates it (the distributed optimizer): world/(TP*PP)
-for dense parameters, world/(EP*PP) for experts.
+for dense parameters, world/(EP*PP) for experts. Without Transformer Engine or Apex (megatron's local spec), megatron
+steps with torch's foreach AdamW, whose update holds an FP32 temporary the size of the rank's optimizer shard (the
+square roots of v): 4 more bytes per shard parameter at the optimizer step (TE's fused Adam has none).
 
 Activations kept for backward, per micro-batch and layer, BF16, no recomputation, T = seq_length x micro_batch
 tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
@@ -14,7 +16,9 @@ tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
                + scores and probabilities with the local (unfused) attention: 2 * 2 * b * heads/TP * s^2
     MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
                2TH + 4TE + 2kT(H + 2I + I + H + H)
-Output logits (FP32, last stage): 4 T V / TP. A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
+Output logits (last stage): 6 T V / TP, the BF16 logits and the FP32 copy megatron's vocab-parallel cross entropy
+makes of them (it keeps that copy as the softmax for backward), alive together (measured on the tiny model, whose
+peak they dominate: tests/gpu/RESULTS.md). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
 QAT adds the fake-quantized copy of every expert weight the rank holds (BF16, kept by autograd for the backward of
 each expert matmul): 2 bytes per held expert parameter.
 This is a planning estimate; tests/gpu checks it against measured peak memory.
@@ -58,10 +62,12 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     quantization: float = 0.0  # QAT: the fake-quantized expert weights
+    optimizer_step: float = 0.0  # torch AdamW's FP32 temporary (local spec)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.quantization
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.quantization
+                + self.optimizer_step)
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in {**asdict(self), "total": self.total}.items()}
@@ -79,7 +85,7 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
     moe = 2 * t * h / sp + 4 * t * cfg.num_local_experts + 2 * k * t * (h + 2 * i + i + h + h)
     per_micro = (cfg.num_hidden_layers // layout.pp) * (attention + moe)
     if stage == layout.pp - 1:
-        per_micro += 4 * t * cfg.vocab_size / tp
+        per_micro += 6 * t * cfg.vocab_size / tp
     in_flight = layout.pp - stage  # 1F1B: the first stage holds PP micro-batches
     return per_micro * in_flight
 
@@ -98,6 +104,7 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
             optimizer=12 * (p.dense / dp + p.expert / edp),
             activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te),
             quantization=2 * p.expert if qat else 0.0,
+            optimizer_step=0.0 if te else 4 * (p.dense / dp + p.expert / edp),
         )
         if best is None or m.total > best[0].total:
             best = (m, stage)

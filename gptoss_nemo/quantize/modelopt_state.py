@@ -90,6 +90,20 @@ def fake_quant(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def weight_quantizer(fmt: str, amax: float | None = None) -> torch.nn.Module:
+    """A standalone ModelOpt quantizer with the format's expert-weight configuration (the class and settings QAT's
+    expert weights use, so the same kernel runs), on the current GPU; `amax`: its per-tensor amax (NVFP4)."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    entry = next(e for e in modelopt_config(fmt)["quant_cfg"]
+                 if "weight_quantizer" in e.get("quantizer_name", "") and e.get("cfg"))
+    q = TensorQuantizer(QuantizerAttributeConfig(**entry["cfg"])).cuda()
+    if amax is not None:
+        q.amax = torch.tensor(amax, dtype=torch.float32, device="cuda")
+    return q
+
+
 def expert_amax(gpt: torch.nn.Module) -> dict:
     """Collective. {(global layer, "linear_fc1" | "linear_fc2"): (weight amax, input amax or None)} on every
     rank, from the (expert-shared) quantizers of each layer's first local expert."""

@@ -9,12 +9,20 @@ are mapped through GPT-2's byte-to-unicode table, and the merges are recovered f
 rank r is the merge of the two sub-tokens that split it, ordered by r). `ignore_merges=True` makes a
 pre-token that is itself a vocabulary entry encode as that entry, which is what tiktoken does.
 Tests check the result against bpe-openai's own encoder and against openai-harmony's renderer.
+
+Where bpe-openai is not installed (an air-gapped image), `$GPTOSS_NEMO_TOKENIZER_DIR` names a directory holding a
+`tokenizer.json` this module wrote elsewhere (`save_tokenizer`); it is checked to be o200k_harmony and used.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+
+from gptoss_nemo.errors import ConfigError
+
+TOKENIZER_DIR_ENV = "GPTOSS_NEMO_TOKENIZER_DIR"
 
 # Named harmony tokens at their official ids (tiktoken `o200k_harmony`, openai-harmony, HF openai/gpt-oss).
 HARMONY_SPECIAL_TOKENS: dict[str, int] = {
@@ -59,7 +67,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _o200k_base() -> tuple[dict[bytes, int], str]:
-    from bpe_openai import registry
+    try:
+        from bpe_openai import registry
+    except ImportError:
+        raise ConfigError(f"the o200k_harmony tokenizer is built from bpe-openai, which is not installed: pip install "
+                          f"bpe-openai, or set {TOKENIZER_DIR_ENV} to a directory with the tokenizer.json that "
+                          "gptoss-nemo wrote on a machine that has it") from None
 
     enc = registry.o200k_base()
     return enc["mergeable_ranks"], enc["pat_str"]
@@ -89,6 +102,9 @@ def build_tokenizer():
     """The o200k_harmony tokenizer as a `tokenizers.Tokenizer` (about 10 s on one CPU core; cached)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+    prebuilt = os.environ.get(TOKENIZER_DIR_ENV)
+    if prebuilt:
+        return _prebuilt(Path(prebuilt) / "tokenizer.json")
     ranks, pattern = _o200k_base()
     vocab, merges = _vocab_and_merges(ranks)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
@@ -105,6 +121,20 @@ def build_tokenizer():
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     for token, idx in specials.items():
         assert tok.token_to_id(token) == idx, f"{token} landed on {tok.token_to_id(token)}, not {idx}"
+    return tok
+
+
+def _prebuilt(path: Path):
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"{TOKENIZER_DIR_ENV}: {path} does not exist; point it at a directory that save_tokenizer "
+                          "wrote, or unset it to build the tokenizer with bpe-openai")
+    tok = Tokenizer.from_file(str(path))
+    wrong = {t: tok.token_to_id(t) for t, i in HARMONY_SPECIAL_TOKENS.items() if tok.token_to_id(t) != i}
+    if tok.get_vocab_size() != VOCAB_SIZE or wrong:
+        raise ConfigError(f"{TOKENIZER_DIR_ENV}: {path} is not o200k_harmony ({tok.get_vocab_size()} tokens, special "
+                          f"tokens at other ids: {wrong}); unset it or write the directory with save_tokenizer")
     return tok
 
 

@@ -6,6 +6,12 @@ import pytest
 import torch
 
 
+def pytest_runtest_logreport(report):
+    """A failure's report at once, not at the session's end: a device call's time limit may cut that end off."""
+    if report.failed:
+        print(f"\nFAILURE {report.nodeid} ({report.when}):\n{report.longreprtext[-5000:]}\n", flush=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -35,29 +41,12 @@ def megatron_parallel():
 
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory):
-    """A tiny MXFP4 gpt-oss checkpoint with o200k_harmony tokenizer files. They are built with bpe-openai when it
-    is installed; on a GPU machine without it, from prebuilt files in $GPTOSS_NEMO_TOKENIZER_DIR (written by
-    `gptoss_nemo.tokenizer.o200k_harmony.save_tokenizer` elsewhere)."""
-    import importlib.util
-    import shutil
-    from pathlib import Path
+    """A tiny MXFP4 gpt-oss checkpoint with o200k_harmony tokenizer files (tiny_ckpt.py)."""
+    from tiny_ckpt import checkpoint_with_tokenizer
 
-    from gptoss_nemo.checkpoint.hf_layout import SIDE_FILES
-    from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
     from gptoss_nemo.model.presets import tiny
 
-    out = tmp_path_factory.mktemp("tiny-tok") / "tiny-mxfp4"
-    if importlib.util.find_spec("bpe_openai") is not None:
-        return write_tiny_checkpoint(out, tiny(), seed=1234)
-    prebuilt = os.environ.get("GPTOSS_NEMO_TOKENIZER_DIR")
-    if not prebuilt or not (Path(prebuilt) / "tokenizer.json").is_file():
-        pytest.skip("needs bpe-openai or prebuilt tokenizer files in $GPTOSS_NEMO_TOKENIZER_DIR")
-    path = write_tiny_checkpoint(out, tiny(), seed=1234, tokenizer=False)
-    for name in SIDE_FILES:
-        if (Path(prebuilt) / name).is_file() and not (path / name).exists():
-            shutil.copyfile(Path(prebuilt) / name, path / name)
-    return path
-
+    return checkpoint_with_tokenizer(tmp_path_factory.mktemp("tiny-tok") / "tiny-mxfp4", tiny())
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ RECIPE = {"sft": RECIPES / "sft_tiny.yaml", "qat": RECIPES / "qat_tiny.yaml", "p
 
 
 def torchrun_cmd(nproc: int, *args: str, port: int) -> list[str]:
+    """$GPU_TESTS_PORT_OFFSET shifts every port, so pytest processes running at once on one machine do not meet."""
+    port += int(os.environ.get("GPU_TESTS_PORT_OFFSET", "0"))
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", *args]
 
 
@@ -80,18 +82,25 @@ def kill_at_random_step(args: list[str], out: Path, lo: int, hi: int) -> tuple[i
     return kill_at, max(r["step"] for r in read_metrics(metrics))
 
 
+def jobs_per_gpu() -> int:
+    """$GPU_TESTS_JOBS_PER_GPU (default 1): one-GPU jobs `run_many` puts on a GPU at once. The tiny model leaves a
+    GPU mostly idle, so more saves device time; step times measured then are not alone on the GPU."""
+    return int(os.environ.get("GPU_TESTS_JOBS_PER_GPU", "1"))
+
+
 def run_many(jobs: list[list[str]], timeout: int = 400) -> list[str]:
-    """Run `python ARGS` for each job as one process per GPU (as many at once as there are GPUs, each on its own
-    free port); returns their stdouts in order. Any non-zero exit fails the test with its output."""
+    """Run `python ARGS` for each job as one process, `jobs_per_gpu()` per GPU at once (each on its own free
+    port); returns their stdouts in order. Any non-zero exit fails the test with its output."""
     import torch
 
     gpus = max(torch.cuda.device_count(), 1)
+    slots = gpus * jobs_per_gpu()
     outputs: list[str] = [""] * len(jobs)
-    for start in range(0, len(jobs), gpus):
+    for start in range(0, len(jobs), slots):
         procs = []
-        for gpu, i in enumerate(range(start, min(start + gpus, len(jobs)))):
+        for slot, i in enumerate(range(start, min(start + slots, len(jobs)))):
             procs.append((i, subprocess.Popen([sys.executable, *jobs[i]],
-                                              env={**env(), "CUDA_VISIBLE_DEVICES": str(gpu)},
+                                              env={**env(), "CUDA_VISIBLE_DEVICES": str(slot % gpus)},
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         for i, proc in procs:
             try:

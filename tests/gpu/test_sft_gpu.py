@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from export_check import check_mxfp4_export, within_bf16_criterion
 from launch import RECIPES, json_line, kill_at_random_step, result, run_python, stage_args, torchrun
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -33,7 +34,24 @@ def _run(nproc: int, stage: str, ckpt: Path, out: Path, *overrides: str, port: i
     return read_metrics(out / "metrics.jsonl")
 
 
-def test_sft_one_gpu_learns_and_logs(sft_run, tiny_with_tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def sft_export(sft_run, tmp_path_factory):
+    """The SFT run's last checkpoint (step 200) exported to HF BF16 (one GPU)."""
+    out = tmp_path_factory.mktemp("sft-export") / "hf"
+    torchrun(1, "-m", "gptoss_nemo", "export", str(sft_run / "checkpoints" / "step_0000200"), str(out),
+             "--local-spec", port=29852)
+    return out
+
+
+def _verify(sft_run: Path, export: Path, nproc: int, *layout: str, port: int) -> dict:
+    """verify-export of the SFT export against its checkpoint: 8 validation sequences of 512 tokens, BF16."""
+    return json_line(torchrun(nproc, "-m", "gptoss_nemo", "verify-export", str(export), "--against",
+                              str(sft_run / "checkpoints" / "step_0000200"), "--data", "synthetic:arithmetic:400:7",
+                              "--samples", "8", "--seq-length", "512", *layout, "--local-spec", port=port,
+                              timeout=300), "verify_export")
+
+
+def test_sft_one_gpu_learns_and_logs(sft_run, sft_export, tiny_with_tokenizer):
     out = sft_run
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if r["step"] > 0]
@@ -60,10 +78,8 @@ def test_sft_one_gpu_learns_and_logs(sft_run, tiny_with_tokenizer, tmp_path):
     assert ckpts == ["latest", "step_0000100", "step_0000200"], ckpts
 
     # the last checkpoint exports to HF BF16; its router weights moved away from the starting point
-    torchrun(1, "-m", "gptoss_nemo", "export", str(out / "checkpoints" / "step_0000200"), str(tmp_path / "hf"),
-             "--local-spec", port=29852)
     before = read_tensors(tiny_with_tokenizer)
-    after = read_tensors(tmp_path / "hf")
+    after = read_tensors(sft_export)
     moved = {}
     for i in range(4):
         name = f"model.layers.{i}.mlp.router.weight"
@@ -76,13 +92,6 @@ def test_sft_one_gpu_learns_and_logs(sft_run, tiny_with_tokenizer, tmp_path):
     result("SFT 1 GPU, tiny + synthetic arithmetic, 200 steps", summary)
     assert all(v > 1e-3 for v in moved.values()), moved
 
-    # BF16 logits of the trained model: its HF export in transformers vs the megatron checkpoint (issue 3's BF16
-    # criterion measured on a trained model, whose routing is not a tie between random experts)
-    verified = json_line(torchrun(1, "-m", "gptoss_nemo", "verify-export", str(tmp_path / "hf"), "--against",
-                                  str(out / "checkpoints" / "step_0000200"), "--data", "synthetic:arithmetic:400:7",
-                                  "--samples", "8", "--local-spec", port=29853, timeout=300), "verify_export")
-    result("verify-export, SFT step 200 (BF16 export vs megatron, BF16)", verified)
-
     # the planner's per-GPU estimate against the measured peak (torch's allocator; issue 7: within 20%)
     plan = json.loads(run_python("-m", "gptoss_nemo", "plan", str(RECIPES / "sft_tiny.yaml"),
                                  f"checkpoint={out / 'checkpoints' / 'step_0000200'}", "--world-size", "1",
@@ -92,6 +101,33 @@ def test_sft_one_gpu_learns_and_logs(sft_run, tiny_with_tokenizer, tmp_path):
            {"planned_gib": plan["per_gpu_gib"], "measured_peak_gib": peak,
             "ratio": plan["per_gpu_gib"]["total"] / peak})
     assert abs(plan["per_gpu_gib"]["total"] / peak - 1) <= 0.2, (plan, peak)
+
+
+@pytest.mark.parametrize("layout", [(), ("--ep", "2"), ("--tp", "2"), ("--pp", "2")], ids=["ep1", "ep2", "tp2", "pp2"])
+def test_trained_model_bf16_parity_under_layouts(sft_run, sft_export, layout):
+    """Issue 3's BF16 criterion on a trained model (on the random tiny, transformers' own BF16-vs-FP32 distance is
+    below it: tests/gpu/RESULTS.md): megatron under EP1 / EP2 / TP2 / PP2 vs transformers, cosine >= 0.9999 per
+    sequence and top-1 >= 99% (or, where BF16's own near-tie flips exceed 1%, at least transformers' BF16-vs-FP32
+    agreement: export_check.within_bf16_criterion)."""
+    if layout and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    port = {"--ep": 29854, "--tp": 29855, "--pp": 29856}[layout[0]] if layout else 29857
+    verified = _verify(sft_run, sft_export, 2 if layout else 1, *layout, port=port)
+    name = f"{layout[0][2:].upper()}2" if layout else "EP1"
+    result(f"verify-export, SFT step 200, megatron {name} vs transformers (BF16)", verified)
+    assert within_bf16_criterion(verified), verified
+
+
+@two_gpus
+def test_qat_trained_with_ep2_exports_exactly(sft_run, tmp_path):
+    """Issue 6 on a trained model: QAT (MXFP4) with EP2 from the SFT run's last checkpoint, exported under EP2:
+    every expert element of the MXFP4 export equals the fake-quant weight, verify-export within the criterion."""
+    out = tmp_path / "qat-ep2"
+    torchrun(2, *stage_args("qat", sft_run / "checkpoints" / "step_0000200", out, "train.steps=20",
+                            "train.eval_every=0", "train.save_every=20", "train.plots=false", "parallel.ep=2"),
+             port=29858, timeout=300)
+    check_mxfp4_export(out / "checkpoints" / "step_0000020", tmp_path / "export", port=29864, nproc=2,
+                       label="QAT MXFP4 trained with EP2 from SFT step 200, exported under EP2", layout=("--ep", "2"))
 
 
 COMMON = ("train.steps=20", "optimizer.warmup_steps=19", "train.eval_every=0", "train.save_every=5",
