@@ -10,7 +10,7 @@ logs="${1:-/tmp}"
 limit="${2:-580}"
 mkdir -p "$logs"
 pytest_() { python3 -m pytest -v -s --tb=short -p no:cacheprovider "$@"; }
-LANE0="${LANE0-tests/gpu/test_qat_gpu.py tests/gpu/test_pipeline_gpu.py}"
+LANE0="${LANE0-tests/gpu/test_qat_gpu.py tests/gpu/test_pipeline_gpu.py tests/gpu/test_plan_gpu.py}"
 LANE1="${LANE1-tests/gpu/test_sft_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_import_gpu.py}"
 TWO="${TWO-tests/gpu/test_sft_gpu.py tests/gpu/test_import_gpu.py -k 'ep2 or tp2 or pp2'}"
 left() { echo $((limit - SECONDS)); }
@@ -18,7 +18,7 @@ left() { echo $((limit - SECONDS)); }
 (CUDA_VISIBLE_DEVICES=0 timeout "$(left)" bash -c "$(declare -f pytest_); [ -z \"$LANE0\" ] || pytest_ $LANE0" \
   > "$logs/gpu-lane0.log" 2>&1; echo "lane 0 done at ${SECONDS} s" >> "$logs/gpu-lane0.log") &
 lane0=$!
-(CUDA_VISIBLE_DEVICES=1 timeout "$(left)" bash -c "$(declare -f pytest_); [ -z \"$LANE1\" ] || pytest_ $LANE1" \
+(CUDA_VISIBLE_DEVICES=1 GPU_TESTS_PORT_OFFSET=100 timeout "$(left)" bash -c "$(declare -f pytest_); [ -z \"$LANE1\" ] || pytest_ $LANE1" \
   > "$logs/gpu-lane1.log" 2>&1; echo "lane 1 done at ${SECONDS} s" >> "$logs/gpu-lane1.log") &
 lane1=$!
 wait "$lane0" "$lane1"
