@@ -23,7 +23,7 @@ from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
 from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
-from gptoss_nemo.convert.to_nvfp4 import to_nvfp4
+from gptoss_nemo.convert.to_nvfp4 import quantization_configs, to_nvfp4
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.build import resolve_use_te
 from gptoss_nemo.model.hf_config import GptOssConfig
@@ -87,7 +87,7 @@ def export_hf(
 
 def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *, fmt: str = "bf16",
                overwrite: bool = False, use_te: bool | None = None) -> Path:
-    """`gptoss-nemo export --format bf16|mxfp4`: a gptoss-nemo checkpoint -> HF, spread over `layout`."""
+    """`gptoss-nemo export --format bf16|mxfp4|nvfp4`: a gptoss-nemo checkpoint -> HF, spread over `layout`."""
     from gptoss_nemo.convert.dist_checkpoint import (
         HF_SUBDIR,
         load_dist_checkpoint,
@@ -124,8 +124,6 @@ def check_format(trained: str | None, fmt: str, ckpt_dir) -> None:
 def write_nvfp4_config(out: Path, cfg: GptOssConfig, activations: bool) -> None:
     """config.json's `quantization_config` and hf_quant_config.json, as ModelOpt writes them."""
     import json
-
-    from gptoss_nemo.convert.to_nvfp4 import quantization_configs
 
     config, hf_quant = quantization_configs(cfg.num_hidden_layers, activations)
     path = out / "config.json"

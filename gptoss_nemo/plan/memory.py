@@ -98,13 +98,14 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
     for stage in range(layout.pp):
         p = rank_params(cfg, layout, stage)
         held = p.dense + p.expert
+        shard = p.dense / dp + p.expert / edp  # what this rank's distributed-optimizer shard holds
         m = MemoryEstimate(
             weights=2 * held,
             gradients=4 * held,
-            optimizer=12 * (p.dense / dp + p.expert / edp),
+            optimizer=12 * shard,
             activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te),
             quantization=2 * p.expert if qat else 0.0,
-            optimizer_step=0.0 if te else 4 * (p.dense / dp + p.expert / edp),
+            optimizer_step=0.0 if te else 4 * shard,
         )
         if best is None or m.total > best[0].total:
             best = (m, stage)

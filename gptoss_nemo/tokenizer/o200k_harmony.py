@@ -10,8 +10,9 @@ rank r is the merge of the two sub-tokens that split it, ordered by r). `ignore_
 pre-token that is itself a vocabulary entry encode as that entry, which is what tiktoken does.
 Tests check the result against bpe-openai's own encoder and against openai-harmony's renderer.
 
-Where bpe-openai is not installed (an air-gapped image), `$GPTOSS_NEMO_TOKENIZER_DIR` names a directory holding a
-`tokenizer.json` this module wrote elsewhere (`save_tokenizer`); it is checked to be o200k_harmony and used.
+When `$GPTOSS_NEMO_TOKENIZER_DIR` is set, it names a directory holding a `tokenizer.json` this module wrote
+elsewhere (`save_tokenizer`), which is checked to be o200k_harmony and used instead of building one: for images
+where bpe-openai cannot be installed.
 """
 
 from __future__ import annotations
