@@ -88,7 +88,7 @@ def _plan(args: argparse.Namespace) -> int:
     recipe.parallel.validate(cfg, args.world_size, te=te)
     qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
-                          recipe.train.micro_batch_size, te=te, qat=qat)
+                          recipe.train.micro_batch_size, te=te, qat=qat, fused=recipe.train.kernels == "fused")
     fits = mem.total <= args.gpu_memory_gib * GIB
     from gptoss_nemo.train.flops import train_flops_per_token
 

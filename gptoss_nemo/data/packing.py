@@ -7,9 +7,11 @@ A sequence holds whole conversations ("documents") back to back, then padding. F
     position_ids   restart at 0 in every document (RoPE sees each conversation from its start)
     cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total], the input of Transformer Engine's
                    packed-sequence (THD) attention, which keeps documents apart.
-The SFT loop does not pass cu_seqlens to the model yet (THD attention needs Transformer Engine, which the test
-machines lack), so today tokens of a packed sequence attend to earlier documents of the same sequence on every
-attention path; the loss and the positions never cross a boundary. Train with data.packing=false when that matters.
+With the fused local kernels (train.kernels=fused) attention keeps the documents apart: the training step hands the
+model DocumentIds built from the position ids (model/flex_attention.py). On the other paths (megatron's reference
+local attention; TE, whose THD attention would take cu_seqlens, not wired yet) tokens of a packed sequence attend to
+earlier documents of the same sequence; the loss and the positions never cross a boundary there either. Train with
+data.packing=false, or kernels=fused, when that matters.
 
 Packing is first-fit over the open sequences, in the (seeded, shuffled) order given: deterministic.
 """

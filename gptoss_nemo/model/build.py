@@ -40,7 +40,8 @@ def resolve_use_te(use_te: bool | None) -> bool:
 
 
 def layer_spec(config: GptOssTransformerConfig, use_te: bool):
-    """Decoder layer spec: TE (grouped-GEMM experts, fused attention) or megatron's local spec."""
+    """Decoder layer spec: TE (grouped-GEMM experts, fused attention) or megatron's local spec, whose attention and
+    experts are megatron's reference modules (kernels="reference") or the fused ones (kernels="fused")."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -49,9 +50,28 @@ def layer_spec(config: GptOssTransformerConfig, use_te: bool):
         )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(
+    spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization
     )
+    return fused_local_spec(spec) if config.local_kernels == "fused" else spec
+
+
+def fused_local_spec(spec):
+    """The local spec with flex attention (sinks, window, documents) and grouped-GEMM experts swapped in: the
+    same parameters and checkpoint keys as the reference modules they replace."""
+    import dataclasses
+    import functools
+
+    from gptoss_nemo.model.flex_attention import FlexSinkAttention
+    from gptoss_nemo.model.grouped_experts import GroupedGemmExperts
+
+    spec.submodules.self_attention.submodules.core_attention = FlexSinkAttention
+    mlp = spec.submodules.mlp
+    moe = mlp.keywords["submodules"]
+    experts = functools.partial(GroupedGemmExperts, *moe.experts.args, **moe.experts.keywords)
+    spec.submodules.mlp = functools.partial(mlp.func, *mlp.args,
+                                            **{**mlp.keywords, "submodules": dataclasses.replace(moe, experts=experts)})
+    return spec
 
 
 def transformer_config(
@@ -87,6 +107,9 @@ def build_model(
     apply_megatron_patches()
     if not torch.cuda.is_available():
         raise DeviceError("building the megatron gpt-oss model needs a CUDA GPU (megatron-core allocates on it)")
+    if config.local_kernels == "fused" and config.moe_grouped_gemm:
+        raise ConfigError("kernels=fused is the fast path of megatron's local spec; with Transformer Engine the TE "
+                          "spec's own fused kernels run (use --local-spec to choose the local spec)")
     # to_transformer_config turns grouped-GEMM experts on exactly when it is given the TE spec.
     model = GPTModel(
         config=config,
@@ -110,6 +133,9 @@ def build_rank_model(hf: GptOssConfig, layout, router: RouterConfig | None = Non
     from megatron.core import parallel_state as ps
 
     use_te = resolve_use_te(use_te)
+    if use_te and overrides.get("local_kernels") == "fused":
+        log.info("Transformer Engine spec: its fused attention and grouped GEMM run; kernels=fused is for the local spec")
+        overrides["local_kernels"] = "reference"
     config = transformer_config(hf, router, use_te=use_te, **{**layout.megatron_overrides(use_te), **overrides})
     return build_model(hf, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                        parallel_output=parallel_output)

@@ -11,15 +11,25 @@ Tokens arrive permuted (grouped by local expert, megatron's dispatcher order) wi
 `repeat_interleave(..., output_size=T)`, so nothing here waits for the host. On Hopper and later the BF16 path is
 CUTLASS's grouped GEMM; elsewhere (and on the CPU) torch's fallback loops over the groups.
 
-Status: the function, tested against a per-expert loop on the CPU (values and gradients, empty experts included);
-not yet a megatron experts module (wiring into the layer spec, the checkpoint keys SequentialMLP writes, and
-ModelOpt's quantizers on the stacked weights are the rest of the work: issue 8).
+`GroupedGemmExperts` is the megatron experts module built on it (the local spec's experts with kernels="fused",
+model/build.py). It is megatron's `SequentialMLP` with another forward: the same per-expert `linear_fc1` /
+`linear_fc2` submodules, so the same parameter names, checkpoint keys (dist checkpoints move freely between the two)
+and, under ModelOpt, the same per-expert weight quantizers, which the forward applies to each expert's weight before
+stacking them (QAT trains through every expert's fake quant, as with SequentialMLP). Formats that also quantize the
+experts' input activations (nvfp4_w4a4) keep SequentialMLP's per-expert loop: their input quantizers need each
+expert's tokens apart. Expert tensor parallelism must be 1 (gptoss-nemo's layouts: parallel/layout.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from gptoss_nemo.errors import ConfigError
 
 
 def expert_ids(tokens_per_expert: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -43,7 +53,140 @@ def grouped_expert_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: 
         raise ValueError(f"{fc1_weight.shape[0]} experts' weights for {tokens_per_expert.numel()} token counts")
     offs = torch.cumsum(tokens_per_expert.to(device=x.device), dim=0).to(torch.int32)
     ids = expert_ids(tokens_per_expert.to(x.device), x.shape[0])
-    h = F.grouped_mm(x, fc1_weight.transpose(-2, -1), offs=offs) + fc1_bias[ids]
-    h = gpt_oss_activation(h, limit)
-    out = F.grouped_mm(h, fc2_weight.transpose(-2, -1), offs=offs) + fc2_bias[ids]
-    return out * probs.unsqueeze(-1).to(out.dtype)
+    h = F.grouped_mm(x, fc1_weight.transpose(-2, -1), offs=offs)
+    h = _bias_activation(x.is_cuda)(h, GatherRows.apply(fc1_bias, ids), limit)
+    out = F.grouped_mm(h, fc2_weight.transpose(-2, -1), offs=offs)
+    return _bias_scale(x.is_cuda)(out, GatherRows.apply(fc2_bias, ids), probs)
+
+
+class GatherRows(torch.autograd.Function):
+    """bias[ids] -> [T, N]; the backward sums each expert's rows as one small GEMM, one_hot(ids)^T @ grad (FP32
+    accumulation), instead of indexing's backward (a sort and atomics over T rows: milliseconds per layer)."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.num_experts = bias.shape[0]
+        return bias[ids]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        one_hot = F.one_hot(ids, ctx.num_experts).to(grad.dtype)  # [T, E]
+        return (one_hot.t() @ grad), None
+
+
+def _bias_activation_eager(h: torch.Tensor, bias: torch.Tensor, limit: float) -> torch.Tensor:
+    return gpt_oss_activation(h + bias, limit)
+
+
+def _bias_scale_eager(out: torch.Tensor, bias: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(out + bias) * prob, the product in FP32 (probs are FP32, as megatron's router gives them)."""
+    return ((out + bias).float() * probs.unsqueeze(-1).float()).to(out.dtype)
+
+
+@functools.cache
+def _bias_activation(cuda: bool):
+    """On the GPU one fused elementwise kernel each way (torch.compile, the token count left dynamic)."""
+    return torch.compile(_bias_activation_eager, dynamic=True) if cuda else _bias_activation_eager
+
+
+@functools.cache
+def _bias_scale(cuda: bool):
+    return torch.compile(_bias_scale_eager, dynamic=True) if cuda else _bias_scale_eager
+
+
+def _quantized_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The weight as the expert's forward sees it: through ModelOpt's weight quantizer when there is one."""
+    quantizer = getattr(linear, "weight_quantizer", None)
+    return linear.weight if quantizer is None else quantizer(linear.weight)
+
+
+def _input_quantized(experts) -> bool:
+    for expert in experts:
+        for linear in (expert.linear_fc1, expert.linear_fc2):
+            q = getattr(linear, "input_quantizer", None)
+            if q is not None and q.is_enabled:
+                return True
+    return False
+
+
+class GroupedGemmExperts(SequentialMLP):
+    """megatron's SequentialMLP (same submodules, names, checkpoint) with all local experts in two grouped GEMMs."""
+
+    def __init__(self, num_local_experts: int, config, submodules, pg_collection=None, name: str | None = None):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection, name=name)
+        if self.tp_group.size() != 1:
+            raise ConfigError(f"grouped-GEMM experts need expert tensor parallelism 1, got {self.tp_group.size()}")
+        if config.moe_apply_probs_on_input or not config.gated_linear_unit or not config.add_bias_linear:
+            raise ConfigError("grouped-GEMM experts implement gpt-oss's experts: gated, with biases, the routing "
+                              "probability applied to the output")
+        if config.fp8 or config.fp4:
+            raise ConfigError("grouped-GEMM experts run in BF16 (quantization goes through ModelOpt's fake quant)")
+        self.limit = float(config.activation_func_clamp_value)
+        self._cache: dict | None = None  # see expert_weight_cache
+
+    def _stacked_weight(self, which: str) -> torch.Tensor:
+        """[E, out, in]: every local expert's weight of `which`, through its weight quantizer if it has one."""
+        linears = [getattr(e, which) for e in self.local_experts]
+        if self._cache is None or not all(getattr(getattr(lin, "weight_quantizer", None), "_pass_through_bwd", True)
+                                          for lin in linears):
+            return torch.stack([_quantized_weight(lin) for lin in linears])
+        if which not in self._cache:
+            with torch.no_grad():
+                self._cache[which] = torch.stack([_quantized_weight(lin) for lin in linears])
+        return _StraightThrough.apply(self._cache[which], *[lin.weight for lin in linears])
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        if _input_quantized(self.local_experts):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        experts = self.local_experts
+        fc1_w, fc2_w = self._stacked_weight("linear_fc1"), self._stacked_weight("linear_fc2")
+        fc1_b = torch.stack([e.linear_fc1.bias for e in experts])
+        fc2_b = torch.stack([e.linear_fc2.bias for e in experts])
+        out = grouped_expert_mlp(permuted_local_hidden_states, tokens_per_expert, permuted_probs,
+                                 fc1_w, fc1_b, fc2_w, fc2_b, self.limit)
+        return out, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The stacked weights computed once (under no_grad) stand in for stack(q(w_e)); the gradient goes to each
+    expert's weight unchanged, which is what autograd computes without the cache: stacking passes gradients
+    through, and so does ModelOpt's weight fake quant when its backward is pass-through (its default, and always
+    for the MX formats: dynamic block scales clip nothing)."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        return stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, *grad.unbind(0))
+
+
+@contextlib.contextmanager
+def expert_weight_cache(model: torch.nn.Module):
+    """Within this context each `GroupedGemmExperts` of `model` stacks (and fake-quantizes) its experts' weights
+    once, at first use, and reuses them in every later micro-batch; gradients reach the weights as without it.
+    Wrap one global batch (forward and backward of all its micro-batches), inside which the weights do not change:
+    QAT then quantizes each weight once per optimizer step instead of once per micro-batch."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedGemmExperts)]
+    for m in experts:
+        m._cache = {}
+    try:
+        yield
+    finally:
+        for m in experts:
+            m._cache = None
+
+
+def register_with_modelopt() -> None:
+    """Give `GroupedGemmExperts` ModelOpt's quantized-SequentialMLP behaviour (parallel state on the experts'
+    linears, amax sync, singleton expert shards in the checkpoint). ModelOpt matches subclasses only when they keep
+    the registered class's forward, which this one replaces."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.plugins.megatron import _MegatronSequentialMLP
+
+    if GroupedGemmExperts not in QuantModuleRegistry:
+        QuantModuleRegistry.register({GroupedGemmExperts: "gptoss_nemo_GroupedGemmExperts"})(_MegatronSequentialMLP)

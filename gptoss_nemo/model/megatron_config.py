@@ -30,6 +30,7 @@ from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.hf_config import GptOssConfig
 
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+KERNELS = ("reference", "fused")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,14 @@ class GptOssTransformerConfig(TransformerConfig):
     yarn_mscale: float | None = None
     yarn_mscale_all_dim: float | None = None
     yarn_correction_range_round_to_int: bool = False
+    local_kernels: Literal["reference", "fused"] = "reference"
+    """megatron's local spec only: "reference" runs megatron's DotProductAttention and SequentialMLP; "fused" runs
+    flex attention with sinks (model/flex_attention.py) and grouped-GEMM experts (model/grouped_experts.py)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.local_kernels not in KERNELS:
+            raise ConfigError(f"kernels={self.local_kernels!r}; allowed: {', '.join(KERNELS)}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -80,7 +80,8 @@ def dry_run(recipe: PipelineRecipe, use_te: bool | None = None, data: bool = Tru
         recipe.qat_recipe().check_layout(cfg, world, te=te)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train
-    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, te=te)
+    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, te=te,
+                          fused=t.kernels == "fused")
     plan = {"run_dir": str(recipe.root), "world_size": world, "data_parallel": dp, "layout": asdict(recipe.parallel),
             "stages": status(recipe), "tokens_per_step": t.global_batch_size * recipe.data.seq_length,
             "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "transformer_engine": te}

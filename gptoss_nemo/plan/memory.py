@@ -13,14 +13,17 @@ square roots of v): 4 more bytes per shard parameter at the optimizer step (TE's
 Activations kept for backward, per micro-batch and layer, BF16, no recomputation, T = seq_length x micro_batch
 tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
     attention  norm out + QKV out + attention out + o_proj in + residual:  2T(H + (Q + 2K)/TP + 2Q/TP + H)
-               + scores and probabilities with the local (unfused) attention: 2 * 2 * b * heads/TP * s^2
+               + scores and probabilities with megatron's reference local attention: 2 * 2 * b * heads/TP * s^2
+                 (none with TE's fused attention or the fused local kernels, train.kernels=fused)
     MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
                2TH + 4TE + 2kT(H + 2I + I + H + H)
 Output logits (last stage): 6 T V / TP, the BF16 logits and the FP32 copy megatron's vocab-parallel cross entropy
 makes of them (it keeps that copy as the softmax for backward), alive together (measured on the tiny model, whose
 peak they dominate: tests/gpu/RESULTS.md). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
 QAT adds the fake-quantized copy of every expert weight the rank holds (BF16, kept by autograd for the backward of
-each expert matmul): 2 bytes per held expert parameter.
+each expert matmul): 2 bytes per held expert parameter. The fused local kernels' grouped GEMM keeps one stacked
+copy of each layer's expert weights the same way (the fake-quantized ones under QAT): the same 2 bytes, with or
+without QAT.
 This is a planning estimate; tests/gpu checks it against measured peak memory.
 """
 
@@ -74,13 +77,13 @@ class MemoryEstimate:
 
 
 def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_length: int, micro_batch: int,
-                     te: bool) -> float:
+                     te: bool, fused: bool = False) -> float:
     h, d, i, tp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, layout.tp
     q, kv, k = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_experts_per_tok
     t = seq_length * micro_batch
     sp = tp if (te and tp > 1) else 1
     attention = 2 * t * (h / sp + (q + 2 * kv) / tp + 2 * q / tp + h / sp)
-    if not te:
+    if not te and not fused:
         attention += 2 * 2 * micro_batch * (cfg.num_attention_heads / tp) * seq_length**2
     moe = 2 * t * h / sp + 4 * t * cfg.num_local_experts + 2 * k * t * (h + 2 * i + i + h + h)
     per_micro = (cfg.num_hidden_layers // layout.pp) * (attention + moe)
@@ -91,8 +94,10 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
-             te: bool = True, qat: bool = False) -> tuple[MemoryEstimate, int]:
-    """(the busiest stage's per-GPU estimate, that stage); layout validity is the caller's check."""
+             te: bool = True, qat: bool = False, fused: bool = False) -> tuple[MemoryEstimate, int]:
+    """(the busiest stage's per-GPU estimate, that stage); layout validity is the caller's check. `fused`: the
+    local spec's fused kernels (train.kernels=fused; ignored with TE)."""
+    fused = fused and not te
     dp, edp = world_size // (layout.tp * layout.pp), world_size // (layout.ep * layout.pp)
     best = None
     for stage in range(layout.pp):
@@ -103,8 +108,8 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
             weights=2 * held,
             gradients=4 * held,
             optimizer=12 * shard,
-            activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te),
-            quantization=2 * p.expert if qat else 0.0,
+            activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te, fused),
+            quantization=2 * p.expert if (qat or fused) else 0.0,
             optimizer_step=0.0 if te else 4 * shard,
         )
         if best is None or m.total > best[0].total:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gptoss_nemo.model.grouped_experts import register_with_modelopt
 from gptoss_nemo.quantize.formats import FORMATS, modelopt_config
 
 MODELOPT_SUBDIR = "modelopt_state"
@@ -31,6 +32,7 @@ def quantize(gpt: torch.nn.Module, fmt: str, forward_loop: Callable[[], None] | 
     """Collective. Converts `gpt` in place; `forward_loop()` runs the calibration batches when `fmt` needs them."""
     import modelopt.torch.quantization as mtq
 
+    register_with_modelopt()
     loop = (lambda _model: forward_loop()) if FORMATS[fmt].calibrate and forward_loop is not None else None
     if mtq.quantize(gpt, modelopt_config(fmt), loop) is not gpt:
         raise RuntimeError("mtq.quantize returned a new model object; gptoss-nemo expects in-place conversion")
@@ -59,6 +61,7 @@ def restore(gpt: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
     if not (Path(ckpt_dir) / MODELOPT_SUBDIR).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no {MODELOPT_SUBDIR}/, but its metadata says it is quantized")
+    register_with_modelopt()
     models = [gpt]
     restore_sharded_modelopt_state(models, str(ckpt_dir))
     if models[0] is not gpt or not is_quantized(gpt):

@@ -108,7 +108,8 @@ def run_ptq(recipe: QATRecipe, use_te: bool | None = None) -> dict:
     target = out / "checkpoint"
     check_target(target, overwrite=False)
     me = init_distributed(recipe.parallel, seed=t.seed)
-    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True)
+    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True,
+                           local_kernels=t.kernels)
     load_dist_checkpoint(gpt, recipe.checkpoint)
     model = Float16Module(gpt.config, gpt)
     dp_rank = ps.get_data_parallel_rank()

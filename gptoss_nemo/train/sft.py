@@ -90,7 +90,8 @@ def dry_run(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
 
     p = prepare(recipe, use_te)
     t = recipe.train
-    mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size, te=p.use_te)
+    mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size, te=p.use_te,
+                          fused=t.kernels == "fused")
     return {"checkpoint": recipe.checkpoint, "out_dir": t.out_dir, "world_size": p.world,
             "layout": asdict(recipe.parallel), "data_parallel": p.dp,
             "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
@@ -143,7 +144,7 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
     _deterministic(t.deterministic)
     me = init_distributed(recipe.parallel, seed=t.seed)
     gpt = build_rank_model(cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True,
-                           deterministic_mode=t.deterministic)
+                           deterministic_mode=t.deterministic, local_kernels=t.kernels)
     load_dist_checkpoint(gpt, recipe.checkpoint)
     counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
     model, optimizer, scheduler = build_training(recipe, gpt)

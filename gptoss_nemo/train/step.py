@@ -35,9 +35,22 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, mask.sum().to(torch.int), {"lm loss": torch.stack([total.detach(), mask.sum()])}
 
 
+def attention_mask(model, position_ids: torch.Tensor):
+    """What the model's attention takes as its mask: with the fused local kernels, the packed documents
+    (DocumentIds from the position ids), which it keeps apart; megatron's reference modules take None (causal)."""
+    from megatron.core.utils import get_model_config
+
+    if getattr(get_model_config(model), "local_kernels", "reference") != "fused":
+        return None
+    from gptoss_nemo.model.flex_attention import DocumentIds
+
+    return DocumentIds.from_position_ids(position_ids)
+
+
 def forward_step(data_iterator, model):
     batch = {k: v.cuda(non_blocking=True) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=attention_mask(model, batch["position_ids"]),
+                   labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -89,10 +102,13 @@ def run_global_batch(model, batches: GlobalBatches, step: int, seq_length: int, 
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
-        num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
-        decoder_seq_length=seq_length, forward_only=forward_only)
+    from gptoss_nemo.model.grouped_experts import expert_weight_cache
+
+    with expert_weight_cache(model):  # the fused kernels' experts stack / fake-quantize weights once per batch
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
+            num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
+            decoder_seq_length=seq_length, forward_only=forward_only)
     totals = torch.zeros(2, device="cuda")
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for r in reports:

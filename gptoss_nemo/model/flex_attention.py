@@ -1,0 +1,145 @@
+"""gpt-oss core attention on PyTorch flex attention: the fused path without Transformer Engine.
+
+It stands in for megatron's `DotProductAttention` in the local spec (`model/build.py`, kernels="fused") and keeps
+its interface, its parameter (`softmax_offset`, the per-head sink, sharded over tensor-parallel ranks like the
+heads) and so its checkpoint keys. megatron's local attention builds the [b, heads, s, s] score matrix in memory;
+flex attention generates one fused kernel per mask and never materialises it.
+
+  sinks     gpt-oss adds one learned logit per head to the softmax denominator. Flex attention returns the
+            log-sum-exp L of each query's scores (natural log, differentiable), and with the sink s
+                out_with_sink = out * exp(L) / (exp(L) + exp(s)) = out * sigmoid(L - s)
+            so the sink costs one elementwise product, gradients included (through L and s).
+  window    megatron's window_size=(w, 0) lets query i see keys i-w..i (gpt-oss: w = 127, 128 keys).
+  documents when the model's `attention_mask` is a `DocumentIds` (built by the training step from the position
+            ids, which restart at 0 in each packed document), a query sees only keys of its own document, so
+            packed conversations stay apart; `attention_mask=None` is one document per sequence.
+
+Block masks are built once per (mask, shape) and reused: for `None` in a process-wide cache, for `DocumentIds`
+on the object, which lives for one micro-batch. The kernel is `torch.compile(flex_attention)`, compiled on first
+use per shape (tens of seconds once). On the CPU the uncompiled path runs (forward only: flex attention has no
+CPU backward), which is what the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from torch import Tensor
+
+from gptoss_nemo.errors import ConfigError
+
+BLOCK = 128  # flex attention's default block size
+
+
+@functools.cache
+def _kernel(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    # One compiled kernel per (window or not, documents or not, shape): a process that trains and evaluates with
+    # several shapes passes dynamo's default limit of 8, after which flex attention silently runs unfused.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_mod(window: int | None, doc: Tensor | None):
+    def mask(b, h, q, kv):
+        keep = q >= kv
+        if window is not None:
+            keep = keep & (q - kv <= window)
+        if doc is not None:
+            keep = keep & (doc[b, q] == doc[b, kv])
+        return keep
+
+    return mask
+
+
+def _block_mask(window: int | None, doc: Tensor | None, batch: int, q_len: int, kv_len: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_mask_mod(window, doc), batch if doc is not None else None, None, q_len, kv_len,
+                             device=device, BLOCK_SIZE=BLOCK)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(window: int | None, q_len: int, kv_len: int, device: torch.device):
+    return _block_mask(window, None, 1, q_len, kv_len, device)
+
+
+class DocumentIds:
+    """Which packed document each position belongs to, passed to the model as its `attention_mask`.
+
+    ids: [b, s] integers, equal within a document. The block masks built from it are kept on the object (one per
+    window), so every layer of a micro-batch shares them."""
+
+    def __init__(self, ids: Tensor):
+        if ids.dim() != 2:
+            raise ValueError(f"document ids must be [batch, seq], got {tuple(ids.shape)}")
+        self.ids = ids
+        self._masks: dict = {}
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> "DocumentIds":
+        """Position ids restart at 0 in every document (data/packing.py); each restart opens a new document."""
+        return cls(torch.cumsum((position_ids == 0).to(torch.int32), dim=-1))
+
+    def block_mask(self, window: int | None, q_len: int, kv_len: int):
+        key = (window, q_len, kv_len)
+        if key not in self._masks:
+            self._masks[key] = _block_mask(window, self.ids, self.ids.shape[0], q_len, kv_len, self.ids.device)
+        return self._masks[key]
+
+
+def sink_attention(query: Tensor, key: Tensor, value: Tensor, sinks: Tensor | None, scale: float,
+                   window: int | None, documents: DocumentIds | None = None) -> Tensor:
+    """query [b, heads, s, d], key/value [b, groups, s, d] (grouped-query), sinks [heads] or None
+    -> [b, heads, s, d]: causal (optionally windowed, document-separated) softmax attention with sinks."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if documents is None:
+        mask = _causal_block_mask(window, q_len, kv_len, query.device)
+    else:
+        mask = documents.block_mask(window, q_len, kv_len)
+    out, aux = _kernel(query.is_cuda)(query, key, value, block_mask=mask, scale=scale,
+                                      enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True))
+    if sinks is None:
+        return out
+    weight = torch.sigmoid(aux.lse - sinks.float()[None, :, None])  # [b, heads, s], FP32
+    return (out.float() * weight.unsqueeze(-1)).to(out.dtype)
+
+
+class FlexSinkAttention(DotProductAttention):
+    """megatron's `DotProductAttention` (local spec) with the forward on flex attention: the same constructor,
+    parameter (`softmax_offset`), scale, window and head split, so the same checkpoint keys and sharding."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ConfigError(f"attention_dropout={dropout}: the fused gpt-oss attention has no dropout (gpt-oss "
+                              "trains with 0); use kernels=reference for attention dropout")
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=dropout,
+                         softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        window = self.scale_mask_softmax.window_size
+        if window is not None and window[1] != 0:
+            raise ConfigError(f"window_size={window}: gpt-oss windows look back only, (w, 0)")
+        self.window = None if window is None else int(window[0])
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:
+        """query [sq, b, heads, d], key/value [sk, b, groups, d] -> [sq, b, heads * d]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ConfigError("the fused local attention takes packed documents as DocumentIds (attention_mask), "
+                              "not packed_seq_params or an attention bias")
+        if attention_mask is not None and not isinstance(attention_mask, DocumentIds):
+            raise ConfigError("the fused local attention takes attention_mask=None (causal) or DocumentIds, not a "
+                              "dense mask tensor")
+        sq, b, heads, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, d]
+        out = sink_attention(q, k, v, self.softmax_offset, self.softmax_scale, self.window, attention_mask)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
