@@ -17,6 +17,10 @@ tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
                  (none with TE's fused attention or the fused local kernels, train.kernels=fused)
     MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
                2TH + 4TE + 2kT(H + 2I + I + H + H)
+While a layer runs, megatron's reference attention also holds its FP32 scores and softmax output (8 bytes per
+score, one layer at a time). The optimizer's FP32 temporary exists only after the backward, when the activations
+are gone: the peak is weights + gradients + optimizer state + the larger of (activations + QAT / stacked expert
+copies) and that temporary.
 Output logits (last stage): 6 T V / TP, the BF16 logits and the FP32 copy megatron's vocab-parallel cross entropy
 makes of them (it keeps that copy as the softmax for backward), alive together (measured on the tiny model, whose
 peak they dominate: tests/gpu/RESULTS.md). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
@@ -69,8 +73,9 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.quantization
-                + self.optimizer_step)
+        """The peak: activations live through forward and backward, the optimizer's temporary after them."""
+        return (self.weights + self.gradients + self.optimizer
+                + max(self.activations + self.quantization, self.optimizer_step))
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in {**asdict(self), "total": self.total}.items()}
@@ -83,14 +88,16 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
     t = seq_length * micro_batch
     sp = tp if (te and tp > 1) else 1
     attention = 2 * t * (h / sp + (q + 2 * kv) / tp + 2 * q / tp + h / sp)
+    scores = micro_batch * (cfg.num_attention_heads / tp) * seq_length**2
     if not te and not fused:
-        attention += 2 * 2 * micro_batch * (cfg.num_attention_heads / tp) * seq_length**2
+        attention += 2 * 2 * scores
     moe = 2 * t * h / sp + 4 * t * cfg.num_local_experts + 2 * k * t * (h + 2 * i + i + h + h)
     per_micro = (cfg.num_hidden_layers // layout.pp) * (attention + moe)
     if stage == layout.pp - 1:
         per_micro += 6 * t * cfg.vocab_size / tp
     in_flight = layout.pp - stage  # 1F1B: the first stage holds PP micro-batches
-    return per_micro * in_flight
+    transient = 0.0 if (te or fused) else 8 * scores  # one layer's FP32 scores and softmax, while it runs
+    return per_micro * in_flight + transient
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
