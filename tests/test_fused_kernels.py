@@ -139,3 +139,17 @@ def test_unknown_kernels_are_refused():
         TrainConfig(kernels="flash")
     with pytest.raises(ConfigError, match="kernels='te'"):
         to_transformer_config(tiny(), local_kernels="te")
+
+
+def test_training_step_hands_document_ids_only_to_the_fused_kernels():
+    from types import SimpleNamespace
+
+    from gptoss_nemo.train.step import attention_mask
+
+    pos = torch.tensor([[0, 1, 0, 1, 2]])
+    fused = torch.nn.Module()
+    fused.config = SimpleNamespace(local_kernels="fused")
+    reference = torch.nn.Module()
+    reference.config = SimpleNamespace(local_kernels="reference")
+    assert attention_mask(reference, pos) is None
+    assert attention_mask(fused, pos).ids.tolist() == [[1, 1, 2, 2, 2]]
