@@ -153,3 +153,22 @@ def test_training_step_hands_document_ids_only_to_the_fused_kernels():
     reference.config = SimpleNamespace(local_kernels="reference")
     assert attention_mask(reference, pos) is None
     assert attention_mask(fused, pos).ids.tolist() == [[1, 1, 2, 2, 2]]
+
+
+def test_bf16_cross_entropy_matches_torch_in_fp32():
+    from gptoss_nemo.model.cross_entropy import language_model_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 2, 50, generator=g) * 4).to(torch.bfloat16)  # [s, b, V]
+    labels = torch.randint(0, 50, (2, 6), generator=g)  # [b, s]
+    ours_in = logits.clone().requires_grad_()
+    ref_in = logits.clone().float().requires_grad_()
+    loss = language_model_loss(labels, ours_in)
+    ref = torch.nn.functional.cross_entropy(ref_in.permute(1, 2, 0), labels, reduction="none")  # [b, s]
+    assert loss.shape == (2, 6) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    w = torch.rand(2, 6, generator=g)
+    (loss * w).sum().backward()
+    (ref * w).sum().backward()
+    assert ours_in.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_in.grad.float(), ref_in.grad, rtol=1e-2, atol=1e-3)

@@ -124,6 +124,10 @@ def build_model(
         vp_stage=vp_stage,
         parallel_output=parallel_output,
     )
+    if post_process:
+        from gptoss_nemo.model import cross_entropy
+
+        cross_entropy.use_for(model)  # the fused kernels' BF16-reading loss (TP 1)
     return model.cuda(torch.cuda.current_device())  # the local spec creates norms on the CPU
 
 
