@@ -23,7 +23,8 @@ are gone: the peak is weights + gradients + optimizer state + the larger of (act
 copies) and that temporary.
 Output logits (last stage): 6 T V / TP, the BF16 logits and the FP32 copy megatron's vocab-parallel cross entropy
 makes of them (it keeps that copy as the softmax for backward), alive together (measured on the tiny model, whose
-peak they dominate: tests/gpu/RESULTS.md). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
+peak they dominate: tests/gpu/RESULTS.md); with the fused kernels' BF16-reading loss (TP 1), 8 T V (measured on
+two gpt-oss-20b-shaped layers: 1.5 GiB more at 4096 tokens, 3.1 at 8192, than megatron's loss). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
 QAT adds the fake-quantized copy of every expert weight the rank holds (BF16, kept by autograd for the backward of
 each expert matmul): 2 bytes per held expert parameter. The fused local kernels' grouped GEMM keeps one stacked
 copy of each layer's expert weights the same way (the fake-quantized ones under QAT): the same 2 bytes, with or
@@ -93,8 +94,8 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
         attention += 2 * 2 * scores
     moe = 2 * t * h / sp + 4 * t * cfg.num_local_experts + 2 * k * t * (h + 2 * i + i + h + h)
     per_micro = (cfg.num_hidden_layers // layout.pp) * (attention + moe)
-    if stage == layout.pp - 1:
-        per_micro += 6 * t * cfg.vocab_size / tp
+    if stage == layout.pp - 1:  # the fused kernels' loss (TP 1) keeps 8 bytes per logit at its peak (measured)
+        per_micro += (8 if fused and tp == 1 else 6) * t * cfg.vocab_size / tp
     in_flight = layout.pp - stage  # 1F1B: the first stage holds PP micro-batches
     transient = 0.0 if (te or fused) else 8 * scores  # one layer's FP32 scores and softmax, while it runs
     return per_micro * in_flight + transient
