@@ -11,7 +11,7 @@ limit="${2:-580}"
 mkdir -p "$logs"
 pytest_() { python3 -m pytest -v -s --tb=short -p no:cacheprovider "$@"; }
 LANE0="${LANE0-tests/gpu/test_qat_gpu.py tests/gpu/test_pipeline_gpu.py tests/gpu/test_plan_gpu.py}"
-LANE1="${LANE1-tests/gpu/test_sft_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_import_gpu.py}"
+LANE1="${LANE1-tests/gpu/test_sft_gpu.py tests/gpu/test_model_gpu.py tests/gpu/test_import_gpu.py tests/gpu/test_fused_kernels_gpu.py}"
 TWO="${TWO-tests/gpu/test_sft_gpu.py tests/gpu/test_import_gpu.py -k 'ep2 or tp2 or pp2'}"
 left() { echo $((limit - SECONDS)); }
 
