@@ -98,6 +98,13 @@ SCRIPT = textwrap.dedent("""
     assert fused._cache is None and cached.shape == (4, 48, 32)
     for p, g in zip(fused.parameters(), grads[1][2:]):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-4, atol=1e-4)
+    import dataclasses
+    from gptoss_nemo.errors import ConfigError
+    try:
+        GroupedGemmExperts(4, dataclasses.replace(cfg, glu_linear_offset=0.0), subs, pg_collection=pgs)
+        raise SystemExit("another activation must be refused")
+    except ConfigError as e:
+        assert "kernels=reference" in str(e)
     print("experts ok", float(outs[0].abs().max()))
 """)
 
@@ -172,3 +179,19 @@ def test_bf16_cross_entropy_matches_torch_in_fp32():
     (ref * w).sum().backward()
     assert ours_in.grad.dtype == torch.bfloat16
     torch.testing.assert_close(ours_in.grad.float(), ref_in.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_weight_cache_only_where_the_quantizer_passes_gradients_through():
+    from types import SimpleNamespace
+
+    from gptoss_nemo.model.grouped_experts import straight_through
+
+    def quantizer(params=(), **flags):
+        return SimpleNamespace(parameters=lambda: iter(params), **flags)
+
+    assert straight_through(None)
+    assert straight_through(quantizer(_pass_through_bwd=True))
+    assert not straight_through(quantizer(_pass_through_bwd=False))  # STE with clipping: needs its own backward
+    assert not straight_through(quantizer(_pass_through_bwd=True, _lsq=True))  # learned scales
+    assert not straight_through(quantizer([torch.nn.Parameter(torch.ones(1))], _pass_through_bwd=True))
+    assert not straight_through(quantizer())  # e.g. a chain of quantizers, which has no such flag

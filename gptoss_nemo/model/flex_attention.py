@@ -123,6 +123,12 @@ class FlexSinkAttention(DotProductAttention):
         if dropout:
             raise ConfigError(f"attention_dropout={dropout}: the fused gpt-oss attention has no dropout (gpt-oss "
                               "trains with 0); use kernels=reference for attention dropout")
+        if config.apply_query_key_layer_scaling:  # megatron folds 1/layer into the scale and undoes it in its softmax
+            raise ConfigError("apply_query_key_layer_scaling is not supported by the fused attention (gpt-oss does "
+                              "not use it); use kernels=reference")
+        if config.recompute_granularity is not None:  # checkpointing saves attention_mask with save_for_backward
+            raise ConfigError("activation recomputation passes the attention mask through torch's checkpoint, which "
+                              "takes tensors only, not the fused attention's DocumentIds; use kernels=reference")
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=dropout,
                          softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         window = self.scale_mask_softmax.window_size

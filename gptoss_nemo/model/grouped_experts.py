@@ -102,6 +102,16 @@ def _quantized_weight(linear: torch.nn.Module) -> torch.Tensor:
     return linear.weight if quantizer is None else quantizer(linear.weight)
 
 
+def straight_through(quantizer) -> bool:
+    """Whether the weight's gradient passes through `quantizer` unchanged (what the weight cache assumes): no
+    quantizer, or ModelOpt's pass-through fake quant with nothing of its own to train (not LSQ: its learned scales
+    would lose their gradients; not a chain of quantizers, which has no such flag)."""
+    if quantizer is None:
+        return True
+    return (getattr(quantizer, "_pass_through_bwd", False) and not getattr(quantizer, "_lsq", False)
+            and not any(p.requires_grad for p in quantizer.parameters()))
+
+
 def _input_quantized(experts) -> bool:
     for expert in experts:
         for linear in (expert.linear_fc1, expert.linear_fc2):
@@ -123,14 +133,19 @@ class GroupedGemmExperts(SequentialMLP):
                               "probability applied to the output")
         if config.fp8 or config.fp4:
             raise ConfigError("grouped-GEMM experts run in BF16 (quantization goes through ModelOpt's fake quant)")
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+        if (config.activation_func is not quick_gelu or config.glu_linear_offset != 1.0
+                or config.activation_func_clamp_value is None):
+            raise ConfigError("grouped-GEMM experts compute gpt-oss's activation (quick_gelu, glu_linear_offset 1, a "
+                              "clamp); this config asks for another: use kernels=reference")
         self.limit = float(config.activation_func_clamp_value)
         self._cache: dict | None = None  # see expert_weight_cache
 
     def _stacked_weight(self, which: str) -> torch.Tensor:
         """[E, out, in]: every local expert's weight of `which`, through its weight quantizer if it has one."""
         linears = [getattr(e, which) for e in self.local_experts]
-        if self._cache is None or not all(getattr(getattr(lin, "weight_quantizer", None), "_pass_through_bwd", True)
-                                          for lin in linears):
+        if self._cache is None or not all(straight_through(getattr(lin, "weight_quantizer", None)) for lin in linears):
             return torch.stack([_quantized_weight(lin) for lin in linears])
         if which not in self._cache:
             with torch.no_grad():

@@ -64,9 +64,12 @@ def build_training(recipe: SFTRecipe, model):
     config = model.config
     experts_in_their_own_optimizer(model)
     model = Float16Module(config, model)
+    # overlap_param_gather stays off: it waits for gathered weights in each module's forward pre-hook, and the fused
+    # grouped-GEMM experts read their linears' weights without calling those modules (model/grouped_experts.py).
     model = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                              overlap_grad_reduce=False, check_for_nan_in_grad=True), model)
+                                              overlap_grad_reduce=False, overlap_param_gather=False,
+                                              check_for_nan_in_grad=True), model)
     o, steps = recipe.optimizer, recipe.train.steps
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
