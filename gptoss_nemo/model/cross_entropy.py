@@ -11,31 +11,27 @@ vocabulary-parallel version runs).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from gptoss_nemo.model.cuda_compile import compiled_on_cuda
 
+
+@compiled_on_cuda(dynamic=False)
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [..., V] (any float dtype), labels [...] -> per-token loss [...] in FP32."""
     x = logits.float()
     return torch.logsumexp(x, dim=-1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-@functools.cache
-def _kernel(cuda: bool):
-    return torch.compile(token_cross_entropy, dynamic=False) if cuda else token_cross_entropy
-
-
 def language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """megatron's `compute_language_model_loss` contract: labels [b, s], logits [s, b, V] -> loss [b, s]."""
-    return _kernel(logits.is_cuda)(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
+    return token_cross_entropy(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
 
 
 def use_for(model) -> bool:
     """Give a GPTModel stage this loss when it runs the fused kernels with TP 1; returns whether it did."""
     config = model.config
-    if getattr(config, "local_kernels", "reference") != "fused" or config.tensor_model_parallel_size != 1:
+    if config.local_kernels != "fused" or config.tensor_model_parallel_size != 1:
         return False
     model.compute_language_model_loss = language_model_loss  # an instance attribute: GPTModel reads it per call
     return True

@@ -27,22 +27,16 @@ import functools
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.model.cuda_compile import compiled_on_cuda
 
 BLOCK = 128  # flex attention's default block size
 
 
-@functools.cache
-def _kernel(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not compiled:
-        return flex_attention
-    # One compiled kernel per (window or not, documents or not, shape): a process that trains and evaluates with
-    # several shapes passes dynamo's default limit of 8, after which flex attention silently runs unfused.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(flex_attention, dynamic=False)
+# One compiled kernel per (window or not, documents or not, shape).
+_flex_attention = compiled_on_cuda(dynamic=False)(flex_attention)
 
 
 def _mask_mod(window: int | None, doc: Tensor | None):
@@ -58,8 +52,6 @@ def _mask_mod(window: int | None, doc: Tensor | None):
 
 
 def _block_mask(window: int | None, doc: Tensor | None, batch: int, q_len: int, kv_len: int, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     return create_block_mask(_mask_mod(window, doc), batch if doc is not None else None, None, q_len, kv_len,
                              device=device, BLOCK_SIZE=BLOCK)
 
@@ -97,15 +89,13 @@ def sink_attention(query: Tensor, key: Tensor, value: Tensor, sinks: Tensor | No
                    window: int | None, documents: DocumentIds | None = None) -> Tensor:
     """query [b, heads, s, d], key/value [b, groups, s, d] (grouped-query), sinks [heads] or None
     -> [b, heads, s, d]: causal (optionally windowed, document-separated) softmax attention with sinks."""
-    from torch.nn.attention.flex_attention import AuxRequest
-
     q_len, kv_len = query.shape[2], key.shape[2]
     if documents is None:
         mask = _causal_block_mask(window, q_len, kv_len, query.device)
     else:
         mask = documents.block_mask(window, q_len, kv_len)
-    out, aux = _kernel(query.is_cuda)(query, key, value, block_mask=mask, scale=scale,
-                                      enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True))
+    out, aux = _flex_attention(query, key, value, block_mask=mask, scale=scale,
+                               enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True))
     if sinks is None:
         return out
     weight = torch.sigmoid(aux.lse - sinks.float()[None, :, None])  # [b, heads, s], FP32

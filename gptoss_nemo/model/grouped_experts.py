@@ -23,13 +23,13 @@ expert's tokens apart. Expert tensor parallelism must be 1 (gptoss-nemo's layout
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.model.cuda_compile import compiled_on_cuda
 
 
 def expert_ids(tokens_per_expert: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -54,9 +54,9 @@ def grouped_expert_mlp(x: torch.Tensor, tokens_per_expert: torch.Tensor, probs: 
     offs = torch.cumsum(tokens_per_expert.to(device=x.device), dim=0).to(torch.int32)
     ids = expert_ids(tokens_per_expert.to(x.device), x.shape[0])
     h = F.grouped_mm(x, fc1_weight.transpose(-2, -1), offs=offs)
-    h = _bias_activation(x.is_cuda)(h, GatherRows.apply(fc1_bias, ids), limit)
+    h = _bias_activation(h, GatherRows.apply(fc1_bias, ids), limit)
     out = F.grouped_mm(h, fc2_weight.transpose(-2, -1), offs=offs)
-    return _bias_scale(x.is_cuda)(out, GatherRows.apply(fc2_bias, ids), probs)
+    return _bias_scale(out, GatherRows.apply(fc2_bias, ids), probs)
 
 
 class GatherRows(torch.autograd.Function):
@@ -76,24 +76,16 @@ class GatherRows(torch.autograd.Function):
         return (one_hot.t() @ grad), None
 
 
-def _bias_activation_eager(h: torch.Tensor, bias: torch.Tensor, limit: float) -> torch.Tensor:
+# On the GPU each is one fused elementwise kernel each way (the token count left dynamic).
+@compiled_on_cuda(dynamic=True)
+def _bias_activation(h: torch.Tensor, bias: torch.Tensor, limit: float) -> torch.Tensor:
     return gpt_oss_activation(h + bias, limit)
 
 
-def _bias_scale_eager(out: torch.Tensor, bias: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+@compiled_on_cuda(dynamic=True)
+def _bias_scale(out: torch.Tensor, bias: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """(out + bias) * prob, the product in FP32 (probs are FP32, as megatron's router gives them)."""
     return ((out + bias).float() * probs.unsqueeze(-1).float()).to(out.dtype)
-
-
-@functools.cache
-def _bias_activation(cuda: bool):
-    """On the GPU one fused elementwise kernel each way (torch.compile, the token count left dynamic)."""
-    return torch.compile(_bias_activation_eager, dynamic=True) if cuda else _bias_activation_eager
-
-
-@functools.cache
-def _bias_scale(cuda: bool):
-    return torch.compile(_bias_scale_eager, dynamic=True) if cuda else _bias_scale_eager
 
 
 def _quantized_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -145,12 +137,14 @@ class GroupedGemmExperts(SequentialMLP):
     def _stacked_weight(self, which: str) -> torch.Tensor:
         """[E, out, in]: every local expert's weight of `which`, through its weight quantizer if it has one."""
         linears = [getattr(e, which) for e in self.local_experts]
-        if self._cache is None or not all(straight_through(getattr(lin, "weight_quantizer", None)) for lin in linears):
-            return torch.stack([_quantized_weight(lin) for lin in linears])
-        if which not in self._cache:
-            with torch.no_grad():
-                self._cache[which] = torch.stack([_quantized_weight(lin) for lin in linears])
-        return _StraightThrough.apply(self._cache[which], *[lin.weight for lin in linears])
+        cache = self._cache
+        if cache is not None and which not in cache and all(
+                straight_through(getattr(lin, "weight_quantizer", None)) for lin in linears):
+            with torch.no_grad():  # once per global batch; later micro-batches skip these checks
+                cache[which] = torch.stack([_quantized_weight(lin) for lin in linears])
+        if cache is not None and which in cache:
+            return _StraightThrough.apply(cache[which], *[lin.weight for lin in linears])
+        return torch.stack([_quantized_weight(lin) for lin in linears])
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):

@@ -24,7 +24,8 @@ copies) and that temporary.
 Output logits (last stage): 6 T V / TP, the BF16 logits and the FP32 copy megatron's vocab-parallel cross entropy
 makes of them (it keeps that copy as the softmax for backward), alive together (measured on the tiny model, whose
 peak they dominate: tests/gpu/RESULTS.md); with the fused kernels' BF16-reading loss (TP 1), 8 T V (measured on
-two gpt-oss-20b-shaped layers: 1.5 GiB more at 4096 tokens, 3.1 at 8192, than megatron's loss). A 1F1B pipeline keeps PP micro-batches in flight on the first stage.
+two gpt-oss-20b-shaped layers: 1.5 GiB more at 4096 tokens, 3.1 at 8192, than megatron's loss). A 1F1B pipeline
+keeps PP micro-batches in flight on the first stage.
 QAT adds the fake-quantized copy of every expert weight the rank holds (BF16, kept by autograd for the backward of
 each expert matmul): 2 bytes per held expert parameter. The fused local kernels' grouped GEMM keeps one stacked
 copy of each layer's expert weights the same way (the fake-quantized ones under QAT): the same 2 bytes, with or
