@@ -58,6 +58,7 @@ SCRIPT = textwrap.dedent("""
     from gptoss_nemo.compat import apply_megatron_patches
     from gptoss_nemo.model.grouped_experts import GroupedGemmExperts
     apply_megatron_patches()
+    torch.manual_seed(0)  # the weights below come from torch's global generator: one fixed draw, not a new one per run
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=1, ffn_hidden_size=24,
         num_moe_experts=4, moe_ffn_hidden_size=24, gated_linear_unit=True, activation_func=quick_gelu,
         glu_linear_offset=1.0, activation_func_clamp_value=7.0, add_bias_linear=True, bias_activation_fusion=False,
