@@ -18,10 +18,18 @@ What is timed (after --warmup steps, CUDA-synchronised wall clock, median over -
              micro-batch: "fwd_bwd_s"; tokens/s and MFU from the whole step ("tokens_per_s") and from
              forward+backward alone ("fwd_bwd_tokens_per_s", the quantity the transformers rows measure).
   hf         forward+backward of one sequence (loss + the router aux loss), no optimizer step.
+Peak memory: the largest of the ranks' peaks (all in "peak_gib_per_rank": routing is not balanced), beside the
+planner's per-GPU estimate for the same run ("planned_gib", gptoss_nemo/plan/memory.py).
+
+Expert parallelism: EP = the number of GPUs (TP = PP = 1, so data parallel over the same GPUs: each GPU runs its own
+--micro-batches sequences; experts split EP ways, tokens exchanged all-to-all). tokens/s and TFLOP/s are per GPU.
+--scaling 1 2 4 runs the megatron variant once per GPU count (torchrun, EP = that count) and reports the scaling
+efficiency: tokens/s per GPU at N GPUs over tokens/s at the smallest count.
 
     python benchmarks/train_step.py --suite [--seq 4096 8192] [--layers 2]        every variant, one GPU
     python benchmarks/train_step.py --impl megatron --kernels fused --quant mxfp4 --seq 4096
     torchrun --nproc-per-node 4 benchmarks/train_step.py --impl megatron --ep 4  expert parallel (tokens/s per GPU)
+    python benchmarks/train_step.py --scaling 1 2 4 [--layers 2]                   EP1 / EP2 / EP4 and the efficiency
 """
 
 from __future__ import annotations
@@ -76,6 +84,15 @@ def rates(cfg, seq: int, tokens: int, seconds: float, peak: float) -> dict:
 
     tflops = train_flops_per_token(cfg, seq) * tokens / seconds / 1e12
     return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak}
+
+
+def planned_gib(cfg, layout, world: int, args) -> dict:
+    """`gptoss-nemo plan`'s per-GPU estimate for this run (local spec, micro-batches of one sequence)."""
+    from gptoss_nemo.plan.memory import estimate
+
+    mem, _ = estimate(cfg, layout, world, args.seq, 1, te=False, qat=args.quant != "none",
+                      fused=args.kernels == "fused")
+    return {k: round(v, 2) for k, v in mem.gib().items()}
 
 
 def synthetic_sequences(n: int, seq: int, vocab: int, seed: int):
@@ -160,12 +177,16 @@ def run_megatron(args) -> dict:
     whole = statistics.median(t[1] for t in times)
     peak = peak_tflops(args)
     tokens = mb * args.seq  # per GPU and step
+    peaks = [None] * world  # every rank's peak: routing is not balanced, so expert ranks differ
+    torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30)
+    planned = planned_gib(cfg, layout, world, args)
     out = {"impl": "megatron", "kernels": args.kernels, "quant": args.quant, "seq": args.seq, "layers": args.layers,
            "ep": args.ep, "gpus": world, "micro_batches": mb, "fused_ce": args.fused_ce,
            "step_s": whole, "fwd_bwd_s": fwd_bwd / mb, "optimizer_s": whole - fwd_bwd,
            **rates(cfg, args.seq, tokens, whole, peak),
            **{f"fwd_bwd_{k}": v for k, v in rates(cfg, args.seq, tokens, fwd_bwd, peak).items()},
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **device_info()}
+           "peak_gib": max(peaks), "peak_gib_per_rank": [round(x, 2) for x in peaks],
+           "planned_gib": planned, "planned_over_peak": planned["total"] / max(peaks), **device_info()}
     if args.profile and me.rank == 0:
         out["profile_global_batch_fwd_bwd"] = profile_summary(
             lambda: run_global_batch(model, batches, 0, args.seq, False))
@@ -250,6 +271,33 @@ def run_suite(args) -> dict:
     return summary
 
 
+def run_scaling(args) -> dict:
+    """The megatron variant (--kernels, --quant) at each GPU count of --scaling, EP = that count."""
+    rows = []
+    for n in args.scaling:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-port=29571",
+               __file__, "--impl", "megatron", "--kernels", args.kernels, "--quant", args.quant, "--ep", str(n),
+               "--seq", str(args.seq_list[0]), "--layers", str(args.layers), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--micro-batches", str(args.micro_batches)]
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("{")), None)
+        row = json.loads(line) if line and r.returncode == 0 else {"ep": n, "error": r.stderr[-1500:]}
+        row["wall_s"] = round(time.time() - t0, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    ok = [r for r in rows if "error" not in r]
+    summary = {"scaling": True, "layers": args.layers, "seq": args.seq_list[0], "kernels": args.kernels,
+               "quant": args.quant}
+    if ok:
+        base = ok[0]
+        for r in ok:
+            summary[f"gpus{r['gpus']}_tokens_per_s_per_gpu"] = r["tokens_per_s"]
+            summary[f"gpus{r['gpus']}_tflops_per_gpu"] = r["tflops"]
+            summary[f"gpus{r['gpus']}_efficiency_vs_{base['gpus']}"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return summary
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", action="store_true", help="every variant, one process each, then a summary")
@@ -268,10 +316,11 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true", help="add a per-kernel CUDA time summary of one fwd+bwd")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--variants", nargs="+", choices=list(SUITE), default=list(SUITE), help="what --suite runs")
+    p.add_argument("--scaling", type=int, nargs="+", metavar="GPUS", help="the megatron variant at each GPU count")
     p.add_argument("--timeout", type=int, default=900)
     args = p.parse_args(argv)
-    if args.suite:
-        print(json.dumps(run_suite(args)), flush=True)
+    if args.suite or args.scaling:
+        print(json.dumps(run_suite(args) if args.suite else run_scaling(args)), flush=True)
         return
     args.seq = args.seq_list[0]
     out = run_megatron(args) if args.impl == "megatron" else run_hf(args)

@@ -126,3 +126,27 @@ def test_synthetic_digits():
     for bad in ("synthetic:arithmetic:5:1:4", "synthetic:arithmetic:5:1:1:1"):
         with pytest.raises(DataError, match="N:SEED:DIGITS"):
             list(read_records(bad))
+
+
+def test_synthetic_multiplication_task():
+    """synthetic:multiplication: the same conversations with one operator, "*", the answer the product; the
+    arithmetic records are unchanged by the task parameter (same seed, same records as before it existed); an
+    unknown task is refused with the known ones named."""
+    from gptoss_nemo.data.dataset import read_records
+    from gptoss_nemo.errors import DataError
+
+    import re
+
+    mult = [r for _, r in read_records("synthetic:multiplication:300:2:1")]
+    facts = set()
+    for r in mult:
+        a, op, b = re.search(r"(\d+) (\S) (\d+)", r["messages"][1]["content"]).groups()
+        assert op == "*" and r["messages"][-1]["content"] == str(int(a) * int(b))
+        assert synthetic.answer_is_correct(r, str(int(a) * int(b)))
+        facts.add((a, b))
+    assert len(facts) > 90  # most of the 100 one-digit products
+    assert [r for _, r in read_records("synthetic:arithmetic:20:3:1")] == synthetic.records(20, 3, 1)
+    assert synthetic.records(20, 3, 1)[0]["messages"][1]["content"] == \
+        synthetic.records(20, 3, 1, task="arithmetic")[0]["messages"][1]["content"]
+    with pytest.raises(DataError, match="arithmetic, multiplication"):
+        list(read_records("synthetic:division:5"))

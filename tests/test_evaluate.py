@@ -81,7 +81,7 @@ def test_eval_refuses_bad_input_before_loading(tiny_ckpt_meta, tiny_mxfp4, tiny_
     assert main(["eval", str(w4a4), "--data", "synthetic:arithmetic:2"]) == 2
     assert "activations in BF16" in capsys.readouterr().err
     assert main(["eval", str(tiny_bf16), "--data", "synthetic:arithmetic:x"]) == 2
-    assert "synthetic:arithmetic:N:SEED" in capsys.readouterr().err
+    assert "synthetic:TASK:N:SEED" in capsys.readouterr().err
     assert main(["eval", str(tiny_bf16), "--data", "synthetic:arithmetic:2", "--checker", "bogus"]) == 2
     assert "--checker 'bogus'" in capsys.readouterr().err
 

@@ -94,3 +94,18 @@ def test_mismatched_blocks_and_scales_are_named():
         mxfp4.check_pair(blocks, torch.zeros(2, 8, 3, dtype=torch.uint8), "gate_up_proj")
     with pytest.raises(ValueError, match="multiple of 32"):
         mxfp4.quantize(torch.zeros(4, 40))
+
+
+def test_chunked_cpu_quantize_equals_one_pass(monkeypatch):
+    """Large CPU tensors are quantized a chunk of rows at a time; the codes and scales are those of one pass, with
+    chunks that split the rows unevenly, and with zeros, subnormals and ties in them."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3, 37, 96, generator=g) * 0.02).to(torch.bfloat16)
+    w[0, 0, :32] = 0
+    w[1, 2, 5] = 1e-40
+    w[2, 1, :4] = torch.tensor([0.25, 0.75, 1.25, 6.0])  # ties between E2M1 values under a scale of 1
+    monkeypatch.setattr(mxfp4, "CPU_CHUNK_ELEMENTS", 96 * 5)
+    chunked = mxfp4.quantize(w)
+    whole = mxfp4._quantize_rows(w)
+    assert [t.shape for t in chunked] == [t.shape for t in whole]
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))

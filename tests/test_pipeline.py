@@ -31,6 +31,18 @@ def test_shipped_recipes_validate_and_fit(name, model, gpu_gib):
     assert r.cluster.container_image and r.export == ["mxfp4"] and r.qat.quant.format == "mxfp4"
 
 
+def test_qat_table_recipes_chain():
+    """The QAT/PTQ miniature: the base recipe exports MXFP4 where the table recipe reads its model; the table
+    fine-tunes on another task than the base learned, at a fine-tuning rate, and keeps the PTQ baseline."""
+    base = load_recipe(PipelineRecipe, RECIPES / "qat_table_base.yaml")
+    table = load_recipe(PipelineRecipe, RECIPES / "qat_table.yaml")
+    assert base.model.make_tiny and base.export == ["mxfp4"] and base.qat.quant.format == "mxfp4"
+    assert Path(table.model.hf) == base.root / "export" / "mxfp4"
+    assert base.data.train[0].startswith("synthetic:arithmetic:") and table.data.train[0].startswith(
+        "synthetic:multiplication:") and table.eval.data[0].startswith("synthetic:multiplication:")
+    assert table.ptq and table.sft.optimizer.lr <= 1e-4 < base.sft.optimizer.lr
+
+
 def test_tiny_recipe_layout_and_stage_recipes():
     r = load_recipe(PipelineRecipe, RECIPES / "tiny.yaml", ["run_dir=/x"])
     assert r.model.make_tiny and r.hf_dir == Path("/x/hf-tiny")

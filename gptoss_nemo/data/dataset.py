@@ -1,7 +1,7 @@
 """Conversations on disk -> validated, rendered, tokenized, split and packed training sequences.
 
 Sources: JSONL files (one conversation per line), parquet files (a `messages` column, optional `tools`), or
-`synthetic:arithmetic:N[:SEED[:DIGITS]]` (the checkable task in synthetic.py). A malformed line is reported as
+`synthetic:TASK:N[:SEED[:DIGITS]]` (the checkable tasks of synthetic.py: arithmetic, multiplication). A malformed line is reported as
 `file:line: what is wrong`; if more than `max_bad_fraction` of the lines are malformed the run stops here, before any GPU time.
 """
 
@@ -22,7 +22,7 @@ from gptoss_nemo.data.packing import Document, Sequence, fit, pack
 from gptoss_nemo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-SYNTHETIC = "synthetic:arithmetic:"
+SYNTHETIC = "synthetic:"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,14 +68,14 @@ class DataStats:
 def read_records(source: str) -> Iterator[tuple[str, object]]:
     """(where, record) per conversation; `record` is a DataError when the line cannot even be parsed."""
     if source.startswith(SYNTHETIC):
-        spec = source[len(SYNTHETIC):].split(":")
-        if not 1 <= len(spec) <= 3 or not all(x.isdigit() for x in spec) or (
+        task, *spec = source[len(SYNTHETIC):].split(":")
+        if task not in synthetic.TASKS or not 1 <= len(spec) <= 3 or not all(x.isdigit() for x in spec) or (
                 len(spec) == 3 and int(spec[2]) not in synthetic.DIGITS):
-            raise DataError(f"{source}: use synthetic:arithmetic:N, synthetic:arithmetic:N:SEED (a held-out set: "
-                            "another SEED) or synthetic:arithmetic:N:SEED:DIGITS (operands of at most DIGITS = 1, 2 "
-                            "or 3 digits)")
+            raise DataError(f"{source}: use synthetic:TASK:N, synthetic:TASK:N:SEED (a held-out set: another SEED) "
+                            "or synthetic:TASK:N:SEED:DIGITS (operands of at most DIGITS = 1, 2 or 3 digits), TASK "
+                            f"one of {', '.join(synthetic.TASKS)}")
         n, seed, digits = (*map(int, spec), *(0, 3)[len(spec) - 1:])
-        for i, r in enumerate(synthetic.records(n, seed=seed, digits=digits)):
+        for i, r in enumerate(synthetic.records(n, seed=seed, digits=digits, task=task)):
             yield f"{source}#{i}", r
         return
     path = Path(source)

@@ -1,8 +1,10 @@
-"""A small conversational task shipped with the package, whose answers a function can check.
+"""Small conversational tasks shipped with the package, whose answers a function can check.
 
-"What is 47 + 385?" -> thinking "47 + 385 = 432." -> final "432". Addition and subtraction, phrased a few
-ways; operands of two and three digits (10-999) by default, or of at most `digits` digits (digits=1: 0-9, the
-200-fact task a tiny model learns in a few hundred steps). `records(n, seed, digits)` is deterministic;
+"What is 47 + 385?" -> thinking "47 + 385 = 432." -> final "432". `arithmetic`: addition and subtraction, phrased
+a few ways; operands of two and three digits (10-999) by default, or of at most `digits` digits (digits=1: 0-9,
+the 200-fact task a tiny model learns in a few hundred steps). `multiplication`: the same conversations with
+"a * b" (digits=1: the 100 one-digit products), new facts for a model that knows addition (the QAT/PTQ miniature:
+recipes/qat_table_base.yaml, recipes/qat_table.yaml). `records(n, seed, digits, task)` is deterministic;
 `answer_is_correct` grades a reply.
 """
 
@@ -16,22 +18,26 @@ SYSTEM = "You are a calculator. Answer with the number only."
 
 
 DIGITS = (1, 2, 3)
+TASKS = {"arithmetic": "+-", "multiplication": "*"}  # task -> the operators its questions draw from
+_RESULT = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _problem(rng: random.Random, digits: int) -> tuple[int, str, int, int]:
+def _problem(rng: random.Random, digits: int, ops: str) -> tuple[int, str, int, int]:
     lo, hi = (0 if digits == 1 else 10), 10 ** digits - 1
     a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-    op = rng.choice("+-")
-    return a, op, b, a + b if op == "+" else a - b
+    op = rng.choice(ops)
+    return a, op, b, _RESULT[op](a, b)
 
 
-def records(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
+def records(n: int, seed: int = 0, digits: int = 3, task: str = "arithmetic") -> list[dict]:
     if digits not in DIGITS:
         raise ValueError(f"digits={digits}: use one of {DIGITS}")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: use one of {', '.join(TASKS)}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, op, b, result = _problem(rng, digits)
+        a, op, b, result = _problem(rng, digits, TASKS[task])
         out.append({"messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": rng.choice(PHRASES).format(a=a, op=op, b=b)},

@@ -140,7 +140,16 @@ def train_step(model, optimizer, scheduler, batches: GlobalBatches, step: int, s
     lm_loss, tokens = global_mean(totals)
     return {"lm_loss": lm_loss, "loss_tokens": tokens, "grad_norm": float(grad_norm) if grad_norm is not None else
             float("nan"), "update_ok": bool(ok), "lr": lr, "seconds": time.perf_counter() - start,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+            "peak_gib": peak_gib_of_all_ranks()}
+
+
+def peak_gib_of_all_ranks() -> float:
+    """Collective: the largest peak allocated memory of any rank (expert ranks differ: routing is not balanced)."""
+    import torch.distributed as dist
+
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device="cuda")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item()
 
 
 def aux_losses(router: RouterConfig, num_layers: int, num_microbatches: int, step: int) -> dict:

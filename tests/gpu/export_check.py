@@ -10,14 +10,16 @@ from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 
 
-def check_mxfp4_export(ckpt: Path, out: Path, *, label: str, port: int, nproc: int = 1, layout: tuple[str, ...] = ()
-                       ) -> dict:
-    """Export CKPT as BF16 and MXFP4 under the given layout (torchrun with NPROC processes), compare every expert
-    element, run verify-export (one GPU). Returns verify-export's summary; asserts the acceptance."""
-    for i, fmt in enumerate(("bf16", "mxfp4")):
+def check_mxfp4_export(ckpt: Path, out: Path, *, label: str, port: int, nproc: int = 1, layout: tuple[str, ...] = (),
+                       mxfp4_export: Path | None = None) -> dict:
+    """Export CKPT as BF16 and MXFP4 (or take its MXFP4 export `mxfp4_export`, e.g. the pipeline's) under the given
+    layout (torchrun with NPROC processes), compare every expert element, run verify-export (one GPU). Returns
+    verify-export's summary; asserts the acceptance."""
+    packed_dir = mxfp4_export or out / "mxfp4"
+    for i, fmt in enumerate(("bf16",) if mxfp4_export else ("bf16", "mxfp4")):
         torchrun(nproc, "-m", "gptoss_nemo", "export", str(ckpt), str(out / fmt), "--format", fmt, *layout,
                  "--local-spec", port=port + i, timeout=300)
-    fq, packed = read_tensors(out / "bf16"), read_tensors(out / "mxfp4")
+    fq, packed = read_tensors(out / "bf16"), read_tensors(packed_dir)
     total = equal = 0
     for name in [n for n in fq if n.endswith(("gate_up_proj", "down_proj"))]:
         deq = mxfp4.dequantize(packed[name + "_blocks"], packed[name + "_scales"]).transpose(-1, -2)
@@ -25,7 +27,7 @@ def check_mxfp4_export(ckpt: Path, out: Path, *, label: str, port: int, nproc: i
         equal += int((deq == fq[name]).sum())
     result(f"{label}: MXFP4 export vs fake-quant weights", {"elements": total, "equal": equal})
     assert total and equal == total
-    r = torchrun(1, "-m", "gptoss_nemo", "verify-export", str(out / "mxfp4"), "--against", str(ckpt),
+    r = torchrun(1, "-m", "gptoss_nemo", "verify-export", str(packed_dir), "--against", str(ckpt),
                  "--data", "synthetic:arithmetic:400:7:1", "--samples", "8", "--local-spec", port=port + 2,
                  timeout=300)
     verified = json_line(r, "verify_export")

@@ -27,15 +27,32 @@ def env() -> dict:
 
 
 def torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subprocess.CompletedProcess:
-    """Run to completion; a non-zero exit or a hang fails the test with the ranks' output."""
+    """Run to completion; a non-zero exit or a hang fails the test with the ranks' output. With
+    $GPU_TESTS_LOG_DIR set, the output also streams to files there as it is written (a device call's time limit
+    then still leaves what each run had done)."""
     cmd = torchrun_cmd(nproc, *args, port=port)
+    log_dir = os.environ.get("GPU_TESTS_LOG_DIR")
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+        if log_dir:
+            r = _run_logged(cmd, Path(log_dir), port, timeout)
+        else:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     except subprocess.TimeoutExpired as e:
         text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
         pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\n{text[0][-3000:]}\n{text[1][-6000:]}")
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
+
+
+def _run_logged(cmd: list[str], log_dir: Path, port: int, timeout: int) -> subprocess.CompletedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stem = log_dir / f"{time.strftime('%H%M%S')}-{port or os.getpid()}-{random.randrange(1000)}"
+    out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
+    with open(out, "w") as fo, open(err, "w") as fe:
+        fo.write(" ".join(cmd) + "\n")
+        fo.flush()
+        rc = subprocess.run(cmd, stdout=fo, stderr=fe, text=True, env=env(), timeout=timeout).returncode
+    return subprocess.CompletedProcess(cmd, rc, out.read_text().split("\n", 1)[1], err.read_text())
 
 
 def json_line(r: subprocess.CompletedProcess, key: str) -> dict:
@@ -56,30 +73,51 @@ def stage_args(stage: str, ckpt: Path, out: Path, *overrides: str) -> list[str]:
 
 
 def run_python(*args: str, timeout: int = 150) -> subprocess.CompletedProcess:
-    """`python ARGS` as one process (a world of one, no torchrun); a non-zero exit fails the test."""
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(), timeout=timeout)
+    """`python ARGS` as one process (a world of one, no torchrun); a non-zero exit fails the test. Streamed to
+    $GPU_TESTS_LOG_DIR as torchrun() is."""
+    cmd = [sys.executable, *args]
+    log_dir = os.environ.get("GPU_TESTS_LOG_DIR")
+    if log_dir:
+        r = _run_logged(cmd, Path(log_dir), 0, timeout)
+    else:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
 
-def kill_at_random_step(args: list[str], out: Path, lo: int, hi: int) -> tuple[int, int]:
-    """Start `python ARGS` (one process, its own session), SIGKILL it once RUN/metrics.jsonl has a step >= a random
-    one in [lo, hi]; returns (requested step, last step logged)."""
+def kill_at_random_step(args: list[str], out: Path, lo: int, hi: int, nproc: int = 1, port: int = 0
+                        ) -> tuple[int, int]:
+    """Start `python ARGS` (one process, its own session; nproc > 1: under torchrun), SIGKILL it once
+    RUN/metrics.jsonl has a step >= a random one in [lo, hi]; returns (requested step, last step logged)."""
     from gptoss_nemo.train.metrics_log import read_metrics
 
     kill_at = random.Random(time.time_ns()).randint(lo, hi)
-    proc = subprocess.Popen([sys.executable, *args], env=env(), start_new_session=True,
+    cmd = [sys.executable, *args] if nproc == 1 else torchrun_cmd(nproc, *args, port=port)
+    proc = subprocess.Popen(cmd, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and any(r["step"] >= kill_at for r in read_metrics(metrics)):
             os.killpg(proc.pid, signal.SIGKILL)
+            kill_matching(str(out))  # torchrun's workers run in sessions of their own
             break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before step {kill_at}"
     return kill_at, max(r["step"] for r in read_metrics(metrics))
+
+
+def kill_matching(text: str) -> None:
+    """SIGKILL every process (but this one) whose command line contains `text`."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def jobs_per_gpu() -> int:
