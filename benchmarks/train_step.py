@@ -239,21 +239,30 @@ SUITE = {  # key: (name, extra arguments); one process each, so every variant st
 }
 
 
+def _child_row(cmd: list[str], args, **tags) -> dict:
+    """Run one variant as its own process: its last JSON line (or its error) with `tags`, timed, printed."""
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("{")), None)
+    row = json.loads(line) if line and r.returncode == 0 else {"error": r.stderr[-1500:]}
+    row.update(tags, wall_s=round(time.time() - t0, 1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _shape_args(args, seq: int) -> list[str]:
+    return ["--seq", str(seq), "--layers", str(args.layers), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--micro-batches", str(args.micro_batches)]
+
+
 def run_suite(args) -> dict:
     rows = []
     for seq in args.seq_list:
         for key in args.variants:
             name, extra = SUITE[key]
-            cmd = [sys.executable, __file__, *extra, "--seq", str(seq), "--layers", str(args.layers),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batches",
-                   str(args.micro_batches)] + (["--profile"] if args.profile and key in ("fused", "hf-flex") else [])
-            t0 = time.time()
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("{")), None)
-            row = json.loads(line) if line and r.returncode == 0 else {"error": r.stderr[-1500:]}
-            row.update(name=name, seq=seq, wall_s=round(time.time() - t0, 1))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            profile = ["--profile"] if args.profile and key in ("fused", "hf-flex") else []
+            rows.append(_child_row([sys.executable, __file__, *extra, *_shape_args(args, seq), *profile], args,
+                                   name=name, seq=seq))
     summary = {"suite": True, "layers": args.layers, "rows": len(rows)}
     for seq in args.seq_list:
         by = {r["name"]: r for r in rows if r["seq"] == seq and "error" not in r}
@@ -273,19 +282,10 @@ def run_suite(args) -> dict:
 
 def run_scaling(args) -> dict:
     """The megatron variant (--kernels, --quant) at each GPU count of --scaling, EP = that count."""
-    rows = []
-    for n in args.scaling:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-port=29571",
-               __file__, "--impl", "megatron", "--kernels", args.kernels, "--quant", args.quant, "--ep", str(n),
-               "--seq", str(args.seq_list[0]), "--layers", str(args.layers), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--micro-batches", str(args.micro_batches)]
-        t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("{")), None)
-        row = json.loads(line) if line and r.returncode == 0 else {"ep": n, "error": r.stderr[-1500:]}
-        row["wall_s"] = round(time.time() - t0, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows = [_child_row([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+                        "--master-port=29571", __file__, "--impl", "megatron", "--kernels", args.kernels, "--quant",
+                        args.quant, "--ep", str(n), *_shape_args(args, args.seq_list[0])], args, ep=n)
+            for n in args.scaling]
     ok = [r for r in rows if "error" not in r]
     summary = {"scaling": True, "layers": args.layers, "seq": args.seq_list[0], "kernels": args.kernels,
                "quant": args.quant}

@@ -1,8 +1,9 @@
 """Conversations on disk -> validated, rendered, tokenized, split and packed training sequences.
 
 Sources: JSONL files (one conversation per line), parquet files (a `messages` column, optional `tools`), or
-`synthetic:TASK:N[:SEED[:DIGITS]]` (the checkable tasks of synthetic.py: arithmetic, multiplication). A malformed line is reported as
-`file:line: what is wrong`; if more than `max_bad_fraction` of the lines are malformed the run stops here, before any GPU time.
+`synthetic:TASK:N[:SEED[:DIGITS]]` (the checkable tasks of synthetic.py: arithmetic, multiplication). A malformed
+line is reported as `file:line: what is wrong`; if more than `max_bad_fraction` of the lines are malformed the run
+stops here, before any GPU time.
 """
 
 from __future__ import annotations

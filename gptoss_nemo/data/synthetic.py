@@ -10,6 +10,7 @@ recipes/qat_table_base.yaml, recipes/qat_table.yaml). `records(n, seed, digits, 
 
 from __future__ import annotations
 
+import operator
 import random
 import re
 
@@ -19,7 +20,7 @@ SYSTEM = "You are a calculator. Answer with the number only."
 
 DIGITS = (1, 2, 3)
 TASKS = {"arithmetic": "+-", "multiplication": "*"}  # task -> the operators its questions draw from
-_RESULT = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_RESULT = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def _problem(rng: random.Random, digits: int, ops: str) -> tuple[int, str, int, int]:

@@ -27,16 +27,10 @@ def env() -> dict:
 
 
 def torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subprocess.CompletedProcess:
-    """Run to completion; a non-zero exit or a hang fails the test with the ranks' output. With
-    $GPU_TESTS_LOG_DIR set, the output also streams to files there as it is written (a device call's time limit
-    then still leaves what each run had done)."""
+    """Run to completion; a non-zero exit or a hang fails the test with the ranks' output."""
     cmd = torchrun_cmd(nproc, *args, port=port)
-    log_dir = os.environ.get("GPU_TESTS_LOG_DIR")
     try:
-        if log_dir:
-            r = _run_logged(cmd, Path(log_dir), port, timeout)
-        else:
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+        r = _run(cmd, timeout)
     except subprocess.TimeoutExpired as e:
         text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
         pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\n{text[0][-3000:]}\n{text[1][-6000:]}")
@@ -44,9 +38,14 @@ def torchrun(nproc: int, *args: str, port: int, timeout: int = 150) -> subproces
     return r
 
 
-def _run_logged(cmd: list[str], log_dir: Path, port: int, timeout: int) -> subprocess.CompletedProcess:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stem = log_dir / f"{time.strftime('%H%M%S')}-{port or os.getpid()}-{random.randrange(1000)}"
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """The command's output captured; with $GPU_TESTS_LOG_DIR set, also streamed to files there as it is written
+    (a device call's time limit then still leaves what each run had done)."""
+    log_dir = os.environ.get("GPU_TESTS_LOG_DIR")
+    if not log_dir:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    stem = Path(log_dir) / f"{time.strftime('%H%M%S')}-{os.getpid()}-{random.randrange(1000)}"
     out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
     with open(out, "w") as fo, open(err, "w") as fe:
         fo.write(" ".join(cmd) + "\n")
@@ -73,14 +72,8 @@ def stage_args(stage: str, ckpt: Path, out: Path, *overrides: str) -> list[str]:
 
 
 def run_python(*args: str, timeout: int = 150) -> subprocess.CompletedProcess:
-    """`python ARGS` as one process (a world of one, no torchrun); a non-zero exit fails the test. Streamed to
-    $GPU_TESTS_LOG_DIR as torchrun() is."""
-    cmd = [sys.executable, *args]
-    log_dir = os.environ.get("GPU_TESTS_LOG_DIR")
-    if log_dir:
-        r = _run_logged(cmd, Path(log_dir), 0, timeout)
-    else:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    """`python ARGS` as one process (a world of one, no torchrun); a non-zero exit fails the test."""
+    r = _run([sys.executable, *args], timeout)
     assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 

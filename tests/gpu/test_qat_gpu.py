@@ -17,23 +17,23 @@ Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import RECIPES, env, json_line, jobs_per_gpu, result, run_many, run_python, torchrun
+from launch import RECIPES, json_line, jobs_per_gpu, result, run_many, run_python, torchrun
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
+from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.pipeline import PipelineRecipe
 from gptoss_nemo.train.metrics_log import read_metrics
 
 pytestmark = pytest.mark.gpu
 BASE, TABLE = RECIPES / "qat_table_base.yaml", RECIPES / "qat_table.yaml"
-QAT_STEPS = 150  # recipes/qat_table.yaml
-EVAL_DATA = "synthetic:multiplication:32:3:1"  # recipes/qat_table.yaml's eval data
+TABLE_RECIPE = load_recipe(PipelineRecipe, TABLE)
+QAT_STEPS, EVAL = TABLE_RECIPE.qat.train.steps, TABLE_RECIPE.eval
 
 
 def _modelopt_mxfp4_quantizer():
@@ -91,9 +91,6 @@ def _stage_recipe(table: Path, base_export: Path, out: Path, fmt: str | None) ->
     """The table's QAT stage as a stage recipe (same checkpoint, data, schedule and steps): `gptoss-nemo qat` in
     another format, or (fmt None) `gptoss-nemo sft`, the BF16 control."""
     from omegaconf import OmegaConf
-
-    from gptoss_nemo.config.load import load_recipe
-    from gptoss_nemo.config.pipeline import PipelineRecipe
 
     stage = dataclasses.asdict(load_recipe(PipelineRecipe, TABLE, [f"run_dir={table}", f"model.hf={base_export}"])
                                .qat_recipe())
@@ -177,13 +174,13 @@ def test_eval_table(table_run):
     rows = {r["stage"]: r for r in table_run["eval"]}
     extra = {"qat_nvfp4": table_run["nvfp4"] / "checkpoints" / f"step_{QAT_STEPS:07d}",
              "bf16_control": table_run["bf16_control"] / "checkpoints" / f"step_{QAT_STEPS:07d}"}
-    r = subprocess.run([sys.executable, "-m", "gptoss_nemo", "eval", *map(str, extra.values()), "--data",
-                        EVAL_DATA, "--samples", "32", "--max-new-tokens", "48", "--local-spec"],
-                       capture_output=True, text=True, env=env(), timeout=400)
-    assert r.returncode == 0, r.stderr[-6000:]
+    data = [a for source in EVAL.data for a in ("--data", source)]
+    r = run_python("-m", "gptoss_nemo", "eval", *map(str, extra.values()), *data, "--checker", EVAL.checker,
+                   "--samples", str(EVAL.samples), "--max-new-tokens", str(EVAL.max_new_tokens), "--local-spec",
+                   timeout=400)
     rows.update(zip(extra, json_line(r, "eval")))
     table = {name: {"val_loss": row["val_loss"], "pass_rate": row["pass_rate"]} for name, row in rows.items()}
-    result(f"eval table ({EVAL_DATA}, greedy, transformers)", table)
+    result(f"eval table ({' '.join(EVAL.data)}, greedy, transformers)", table)
     assert list(table) == ["original", "sft", "ptq_mxfp4", "qat_mxfp4", "qat_nvfp4", "bf16_control"], list(table)
     assert table["sft"]["pass_rate"] > table["original"]["pass_rate"]
     assert table["ptq_mxfp4"]["pass_rate"] < table["sft"]["pass_rate"] <= table["qat_mxfp4"]["pass_rate"] + 0.1
