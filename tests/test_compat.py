@@ -116,3 +116,42 @@ def test_adamw_step_key_on_load_patch():
     state = inner.state[param]
     assert torch.equal(param.data, saved["param"]) and torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
     assert state["step"].item() == 1.0  # left as load_state_dict set it
+
+
+def test_linear_bias_in_gemm_patch():
+    """megatron's local linear rounds the GEMM to BF16 and then again after the bias; patched, the bias is added in
+    the GEMM (one rounding, as TE and transformers' F.linear do), closer to the exact result; backward unchanged."""
+    import torch
+    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 96, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(80, 96, generator=gen) / 10).bfloat16().requires_grad_()
+    b = (torch.randn(80, generator=gen) * 3).bfloat16().requires_grad_()
+    upstream = torch.randn(64, 3, 80, generator=gen).bfloat16()
+
+    def run():
+        out = Linear.apply(x, w, b, False, False, False, None, None, None, 1)
+        return out.detach(), torch.autograd.grad(out, (x, w, b), upstream)
+
+    exact = x.double() @ w.double().t() + b.double()
+    if not getattr(Linear.forward, "__gptoss_nemo_patched__", False):
+        bare, bare_grads = run()
+        assert torch.equal(bare, x @ w.t() + b)  # two roundings
+    assert "linear_bias_in_gemm" in apply_megatron_patches()
+    fused, grads = run()
+    assert torch.equal(fused, torch.nn.functional.linear(x, w, b))
+    assert (fused.double() - exact).abs().mean() < (x @ w.t() + b).double().sub(exact).abs().mean()
+    if "bare_grads" in locals():
+        assert all(torch.equal(a, c) for a, c in zip(bare_grads, grads))
+
+
+def test_a_workaround_can_be_left_out():
+    code = ("from gptoss_nemo.compat import apply_megatron_patches\n"
+            "from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as L\n"
+            "print(apply_megatron_patches(), getattr(L.forward, '__gptoss_nemo_patched__', False))")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "GPTOSS_NEMO_SKIP_PATCHES": "linear_bias_in_gemm, x"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip().endswith("['adamw_step_key_on_load', 'expert_bias_inplace_add'] False"), out

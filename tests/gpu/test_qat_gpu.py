@@ -17,12 +17,14 @@ Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 
 import dataclasses
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import RECIPES, json_line, jobs_per_gpu, result, run_many, run_python, torchrun
+from launch import RECIPES, json_line, result, run_many, run_python, torchrun
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -107,21 +109,38 @@ def _stage_recipe(table: Path, base_export: Path, out: Path, fmt: str | None) ->
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory):
     """recipes/qat_table_base.yaml (the MXFP4-trained base), then recipes/qat_table.yaml (SFT on the new task,
-    PTQ, QAT MXFP4, eval), then from the same SFT checkpoint and with the QAT stage's schedule: QAT NVFP4 and the
-    BF16 control (one process per GPU)."""
+    PTQ, QAT MXFP4, eval). As soon as the table's SFT checkpoint exists, and while its pipeline goes on: QAT NVFP4
+    and the BF16 control from that checkpoint with the QAT stage's schedule, then `gptoss-nemo eval` of both on the
+    pipeline's held-out records."""
+    from gptoss_nemo.pipeline.run import outputs
+
     root = tmp_path_factory.mktemp("qat-table")
     base = root / "base" / "export" / "mxfp4"
     _pipeline(BASE, root / "base")
-    summary = _pipeline(TABLE, root / "table", f"model.hf={base}")
-    jobs = {"nvfp4": ["-m", "gptoss_nemo", "qat", str(_stage_recipe(root / "table", base, root / "qat-nvfp4",
-                                                                     "nvfp4")), "--local-spec"],
-            "bf16_control": ["-m", "gptoss_nemo", "sft", str(_stage_recipe(root / "table", base,
-                                                                            root / "bf16-control", None)),
+    table = root / "table"
+    sft_done = outputs(load_recipe(PipelineRecipe, TABLE, [f"run_dir={table}", f"model.hf={base}"]))["sft"]
+    jobs = {"nvfp4": ["-m", "gptoss_nemo", "qat", str(_stage_recipe(table, base, root / "qat-nvfp4", "nvfp4")),
+                      "--local-spec"],
+            "bf16_control": ["-m", "gptoss_nemo", "sft", str(_stage_recipe(table, base, root / "bf16-control", None)),
                              "--local-spec"]}
-    run_many(list(jobs.values()))
-    return {"base": base, "table": root / "table", "eval": summary["eval"], "mxfp4": root / "table" / "qat",
-            "nvfp4": root / "qat-nvfp4", "bf16_control": root / "bf16-control",
-            "ptq": json.loads((root / "table" / "ptq" / "ptq.json").read_text())}
+    with ThreadPoolExecutor(1) as pool:
+        pipeline = pool.submit(_pipeline, TABLE, table, f"model.hf={base}")
+        while not all(p.exists() for p in sft_done):
+            if pipeline.done():  # it failed before its SFT stage ended: its error
+                pipeline.result()
+                pytest.fail(f"the table's pipeline ended without {sft_done}")
+            time.sleep(2)
+        run_many(list(jobs.values()))
+        extra = {"qat_nvfp4": root / "qat-nvfp4", "bf16_control": root / "bf16-control"}
+        data = [a for source in EVAL.data for a in ("--data", source)]
+        r = run_python("-m", "gptoss_nemo", "eval", *(str(run / "checkpoints" / f"step_{QAT_STEPS:07d}")
+                                                      for run in extra.values()),
+                       *data, "--checker", EVAL.checker, "--samples", str(EVAL.samples), "--max-new-tokens",
+                       str(EVAL.max_new_tokens), "--local-spec", timeout=400)
+        summary = pipeline.result()
+    rows = {r["stage"]: r for r in summary["eval"]} | dict(zip(extra, json_line(r, "eval")))
+    return {"base": base, "table": table, "eval": rows, "mxfp4": table / "qat", **extra,
+            "nvfp4": root / "qat-nvfp4", "ptq": json.loads((table / "ptq" / "ptq.json").read_text())}
 
 
 def _last_val(run: Path) -> float:
@@ -138,7 +157,9 @@ def test_qat_recovers_what_ptq_loses(table_run):
     errors = {}
     for fmt in ("mxfp4", "nvfp4"):
         rows = read_metrics(table_run[fmt] / "metrics.jsonl")
-        assert rows[0]["step"] == 0 and rows[0]["val_loss_bf16"] == pytest.approx(table["sft_bf16"], rel=1e-4)
+        # the same SFT checkpoint: its BF16 validation loss again, up to the MoE's atomics (1.4e-4 seen with three
+        # processes sharing the GPU); another checkpoint would be far off
+        assert rows[0]["step"] == 0 and rows[0]["val_loss_bf16"] == pytest.approx(table["sft_bf16"], rel=1e-3)
         table[f"ptq_{fmt}_at_qat_start"] = rows[0]["val_loss"]
         table[f"qat_{fmt}"] = _last_val(table_run[fmt])
         assert rows[-1]["step"] == QAT_STEPS and all("aux_loss" in r for r in rows[1:])
@@ -162,7 +183,8 @@ def test_qat_recovers_what_ptq_loses(table_run):
                                                          for k in ("before", "after")] for f in errors},
                "step_seconds": {"bf16": bf16_s, "qat_nvfp4": median_seconds(table_run["nvfp4"])},
                "qat_nvfp4_over_bf16_step_time": median_seconds(table_run["nvfp4"]) / bf16_s,
-               "runs_sharing_a_gpu": min(jobs_per_gpu(), 2)}  # > 1: the two step times were not measured alone
+               # both ran beside the table's pipeline (and each other): benchmarks/train_step.py times them alone
+               "step_times_measured_alone": False}
     result("QAT vs PTQ on the new task (megatron, validation batches)", summary)
     assert gap >= 0.05 * table["sft_bf16"], f"PTQ did not measurably hurt: {summary}"
     assert recovered >= 0.8, summary
@@ -171,15 +193,8 @@ def test_qat_recovers_what_ptq_loses(table_run):
 def test_eval_table(table_run):
     """The table of the README: the pipeline's rows (original base, SFT, SFT + PTQ, SFT + QAT MXFP4) and, with
     `gptoss-nemo eval` on the same held-out records, SFT + QAT NVFP4 and the BF16 control; greedy pass rates."""
-    rows = {r["stage"]: r for r in table_run["eval"]}
-    extra = {"qat_nvfp4": table_run["nvfp4"] / "checkpoints" / f"step_{QAT_STEPS:07d}",
-             "bf16_control": table_run["bf16_control"] / "checkpoints" / f"step_{QAT_STEPS:07d}"}
-    data = [a for source in EVAL.data for a in ("--data", source)]
-    r = run_python("-m", "gptoss_nemo", "eval", *map(str, extra.values()), *data, "--checker", EVAL.checker,
-                   "--samples", str(EVAL.samples), "--max-new-tokens", str(EVAL.max_new_tokens), "--local-spec",
-                   timeout=400)
-    rows.update(zip(extra, json_line(r, "eval")))
-    table = {name: {"val_loss": row["val_loss"], "pass_rate": row["pass_rate"]} for name, row in rows.items()}
+    table = {name: {"val_loss": row["val_loss"], "pass_rate": row["pass_rate"]}
+             for name, row in table_run["eval"].items()}
     result(f"eval table ({' '.join(EVAL.data)}, greedy, transformers)", table)
     assert list(table) == ["original", "sft", "ptq_mxfp4", "qat_mxfp4", "qat_nvfp4", "bf16_control"], list(table)
     assert table["sft"]["pass_rate"] > table["original"]["pass_rate"]
