@@ -176,7 +176,8 @@ def _verify_export(args: argparse.Namespace) -> int:
     try:
         r = verify_export(args.out_dir, args.against, _layout(args), data=args.data or ["synthetic:arithmetic:256:7"],
                           samples=args.samples, seq_length=args.seq_length,
-                          use_te=False if args.local_spec else None, floor=not args.no_floor)
+                          use_te=False if args.local_spec else None, floor=not args.no_floor,
+                          router_dtype=args.router_dtype)
     finally:
         shutdown()
     if r is not None:
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="sequences compared")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--no-floor", action="store_true", help="skip transformers' BF16-vs-FP32 reference distance")
+    p.add_argument("--router-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the megatron model's router: fp32 (as trained) or bf16 (as transformers routes)")
     _parallel_args(p)
     p.set_defaults(func=_verify_export)
 

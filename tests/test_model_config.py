@@ -71,6 +71,18 @@ def test_router_config_choices():
             RouterConfig(aux_loss_coeff=coeff)
 
 
+def test_router_dtype_for_training_and_for_like_for_like_verification():
+    """Training routes in FP32; verify-export --router-dtype bf16 routes in the input's dtype, as transformers."""
+    from gptoss_nemo.cli import build_parser
+    from gptoss_nemo.evaluate.verify_export import ROUTER_DTYPES
+
+    assert to_transformer_config(tiny()).moe_router_dtype == "fp32"
+    args = build_parser().parse_args(["verify-export", "out", "--against", "ckpt", "--router-dtype", "bf16"])
+    assert to_transformer_config(tiny(), moe_router_dtype=ROUTER_DTYPES[args.router_dtype]).moe_router_dtype is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["verify-export", "out", "--against", "ckpt", "--router-dtype", "fp16"])
+
+
 def test_openai_config_json_round_trips():
     raw = gpt_oss_20b().to_dict()
     assert raw["rope_scaling"]["rope_type"] == "yarn" and raw["quantization_config"]["quant_method"] == "mxfp4"

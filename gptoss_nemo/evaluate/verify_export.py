@@ -5,7 +5,9 @@ quantizers restored), both run the same validation sequences (harmony-rendered c
 to `--seq-length` tokens), and the full-vocabulary logits are compared: cosine similarity per sequence and top-1
 agreement over every position. transformers' own BF16-vs-FP32 distance on the same sequences is printed beside
 them (`--no-floor` skips it: it loads the export a second time in FP32): the noise floor any BF16
-implementation pair shows.
+implementation pair shows. `--router-dtype bf16` routes the megatron model as transformers does (router logits and
+the top-k softmax in BF16) instead of training's FP32 router: a like-for-like BF16 comparison. Near-tied experts
+are then chosen the same way by both, where an FP32 and a BF16 router pick differently.
 
 Checks before any GPU work: the export is a gpt-oss HF checkpoint, the checkpoint a gptoss-nemo one, both
 describe the same architecture, the data reads, the layout fits the world size. Launched like every stage
@@ -22,6 +24,9 @@ from pathlib import Path
 import torch
 
 from gptoss_nemo.errors import CheckpointError
+
+# --router-dtype -> megatron's moe_router_dtype (None: the input's dtype, BF16, as transformers routes)
+ROUTER_DTYPES = {"fp32": "fp32", "bf16": None}
 
 # architecture fields that must agree between the export and the checkpoint
 _ARCH = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok",
@@ -61,7 +66,8 @@ def sequences(out_dir: str | Path, data: list[str], samples: int, seq_length: in
 
 
 def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[str], samples: int = 8,
-                  seq_length: int = 512, use_te: bool | None = None, floor: bool = True) -> dict | None:
+                  seq_length: int = 512, use_te: bool | None = None, floor: bool = True,
+                  router_dtype: str = "fp32") -> dict | None:
     """Collective. Rank 0 returns the comparison; other ranks None."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -78,7 +84,8 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     ids = sequences(out_dir, data, samples, seq_length)
     layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
     init_distributed(layout)
-    model = build_rank_model(cfg, layout, use_te=use_te, parallel_output=False)
+    model = build_rank_model(cfg, layout, use_te=use_te, parallel_output=False,
+                             moe_router_dtype=ROUTER_DTYPES[router_dtype])
     load_dist_checkpoint(model, ckpt)
     last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and \
         ps.get_data_parallel_rank() == 0
@@ -99,7 +106,7 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     if dist.get_rank() == 0:
         result = _against_transformers(out_dir, ids, torch.cat(ours), floor)
         result.update({"export": str(out_dir), "checkpoint": str(ckpt), "sequences": len(ids),
-                       "seq_length": seq_length})
+                       "seq_length": seq_length, "router_dtype": router_dtype})
     dist.barrier()
     return result
 

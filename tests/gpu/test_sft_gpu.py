@@ -43,11 +43,11 @@ def sft_export(sft_run, tmp_path_factory):
     return out
 
 
-def _verify(sft_run: Path, export: Path, nproc: int, *layout: str, port: int) -> dict:
+def _verify(sft_run: Path, export: Path, nproc: int, *args: str, port: int) -> dict:
     """verify-export of the SFT export against its checkpoint: 8 validation sequences of 512 tokens, BF16."""
     return json_line(torchrun(nproc, "-m", "gptoss_nemo", "verify-export", str(export), "--against",
                               str(sft_run / "checkpoints" / "step_0000200"), "--data", "synthetic:arithmetic:400:7",
-                              "--samples", "8", "--seq-length", "512", *layout, "--local-spec", port=port,
+                              "--samples", "8", "--seq-length", "512", *args, "--local-spec", port=port,
                               timeout=300), "verify_export")
 
 
@@ -116,6 +116,22 @@ def test_trained_model_bf16_parity_under_layouts(sft_run, sft_export, layout):
     name = f"{layout[0][2:].upper()}2" if layout else "EP1"
     result(f"verify-export, SFT step 200, megatron {name} vs transformers (BF16)", verified)
     assert within_bf16_criterion(verified), verified
+
+
+@pytest.mark.parametrize("layout", [(), ("--ep", "2"), ("--tp", "2"), ("--pp", "2")], ids=["ep1", "ep2", "tp2", "pp2"])
+def test_trained_model_bf16_parity_routing_as_transformers(sft_run, sft_export, layout):
+    """Issue 3's BF16 thresholds as written (cosine >= 0.9999 per sequence, top-1 >= 99%), like for like: the
+    megatron model routes in BF16 as transformers does (verify-export --router-dtype bf16). With training's FP32
+    router the two pick different experts at near-ties; on CPU, transformers' BF16 with an FP32 router agrees with
+    its own BF16 on 98.4% of top-1 positions (4 layers), so the router dtype alone is a percent of top-1."""
+    if layout and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    port = {"--ep": 29864, "--tp": 29865, "--pp": 29866}[layout[0]] if layout else 29867
+    verified = _verify(sft_run, sft_export, 2 if layout else 1, *layout, "--router-dtype", "bf16", "--no-floor",
+                       port=port)
+    name = f"{layout[0][2:].upper()}2" if layout else "EP1"
+    result(f"verify-export, SFT step 200, megatron {name} (BF16 router) vs transformers (BF16)", verified)
+    assert verified["min_cos"] >= 0.9999 and verified["top1"] >= 0.99, verified
 
 
 @two_gpus
