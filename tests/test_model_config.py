@@ -83,6 +83,37 @@ def test_router_dtype_for_training_and_for_like_for_like_verification():
         build_parser().parse_args(["verify-export", "out", "--against", "ckpt", "--router-dtype", "fp16"])
 
 
+def test_bf16_router_routes_exactly_as_transformers():
+    """megatron's routing functions with the router in BF16 (verify-export --router-dtype bf16) choose the same
+    experts with the same weights as transformers' GptOssTopKRouter, bit for bit; the FP32 router (training) picks
+    another expert set for some near-tied tokens."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear, topk_routing_with_score_function
+    from transformers import GptOssConfig as HFConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    gen = torch.Generator().manual_seed(0)
+    router = GptOssTopKRouter(HFConfig(hidden_size=128, num_local_experts=32, num_experts_per_tok=4))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(32, 128, generator=gen) * 0.02)
+        router.bias.copy_(torch.randn(32, generator=gen) * 0.01)
+    router = router.bfloat16()
+    hidden = torch.randn(8192, 128, generator=gen).bfloat16()
+
+    def dense(probs, idx):  # [tokens, experts] routing weights
+        return torch.zeros(idx.shape[0], 32).scatter(1, idx, probs.float())
+
+    with torch.no_grad():
+        _, probs, idx = router(hidden)
+        reference = dense(probs, idx)
+        ours = {dtype: dense(*topk_routing_with_score_function(
+            router_gating_linear(hidden, router.weight, router.bias, dtype), 4, dense_output=True))
+            for dtype in (torch.bfloat16, torch.float32)}
+    assert torch.equal(ours[torch.bfloat16], reference)
+    other_experts = ((ours[torch.float32] > 0) != (reference > 0)).any(1).float().mean().item()
+    assert 0 < other_experts < 0.05, other_experts
+
+
 def test_openai_config_json_round_trips():
     raw = gpt_oss_20b().to_dict()
     assert raw["rope_scaling"]["rope_type"] == "yarn" and raw["quantization_config"]["quant_method"] == "mxfp4"

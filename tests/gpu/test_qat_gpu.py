@@ -5,11 +5,12 @@
   blocks (flushed to zero by the kernel's fast-math arithmetic, and by the codec).
 - The miniature of the published table (one GPU): recipes/qat_table_base.yaml trains the tiny gpt-oss (4
   layers, hidden 128, 8 experts top-4) on one-digit addition / subtraction (and the format of two-digit
-  multiplication), then with MXFP4 QAT, and exports it in MXFP4 (the "original" checkpoint: on the MXFP4 grid, as gpt-oss is); recipes/qat_table.yaml fine-tunes it in
-  BF16 on one-digit multiplication (100 new facts) at lr 1e-4, then PTQ (MXFP4) and QAT (MXFP4, 150 steps); QAT
-  NVFP4 and a BF16 control (the same 150 steps unquantized) start from the same SFT checkpoint. PTQ must lose at
-  least 5% of the SFT validation loss, QAT recover at least 80% of that gap; the table's pass rates are greedy
-  answers on held-out records (`gptoss-nemo eval`). The QAT / BF16 step-time ratio is reported.
+  multiplication), then with MXFP4 QAT, and exports it in MXFP4 (the "original" checkpoint: on the MXFP4 grid,
+  as gpt-oss is); recipes/qat_table.yaml fine-tunes it in BF16 on one-digit multiplication (100 new facts) at lr
+  1e-4, then PTQ (MXFP4) and QAT (MXFP4, 150 steps); QAT NVFP4 and a BF16 control (the same 150 steps
+  unquantized) start from the same SFT checkpoint. PTQ must lose at least 5% of the SFT validation loss, QAT
+  recover at least 80% of that gap; the table's pass rates are greedy answers on held-out records (`gptoss-nemo
+  eval`). The QAT / BF16 step-time ratio is reported.
 - The NVFP4 QAT checkpoint's export dequantizes to exactly the fake-quantized weights its forward pass used (the
   MXFP4 export's exactness: test_sft_gpu.py, test_full_ep_gpu.py).
 
