@@ -75,9 +75,11 @@ _OUT_OF_PLACE_BIAS = "output = output + output_bias.unsqueeze(0) * per_token_sca
 
 def _rewrite_method(cls: type, name: str, old: str, new: str) -> bool:
     """Recompile `cls.name` with the source text `old` (once in it, indented as in the dedented method) replaced
-    by `new`; False if `old` is absent. Static methods stay static."""
+    by `new`; False if `old` is absent. Static methods stay static. True at once when it is already rewritten."""
     is_static = isinstance(inspect.getattr_static(cls, name), staticmethod)
     func = getattr(cls, name)
+    if getattr(func, "__gptoss_nemo_patched__", False):
+        return True
     source = textwrap.dedent(inspect.getsource(func))
     if source.count(old) != 1:
         return False
@@ -98,8 +100,6 @@ def _rewrite_method(cls: type, name: str, old: str, new: str) -> bool:
 def _patch_expert_bias_inplace_add() -> bool:
     from megatron.core.transformer.mlp import MLP
 
-    if getattr(MLP.forward, "__gptoss_nemo_patched__", False):
-        return True
     return _rewrite_method(MLP, "forward", _INPLACE_BIAS, _OUT_OF_PLACE_BIAS)
 
 
@@ -109,12 +109,9 @@ _STEP_KEY = "if not isinstance(tensors[key], torch.Tensor):"
 def _patch_adamw_step_key_on_load() -> bool:
     from megatron.core.optimizer import distrib_optimizer as dopt
 
-    cls = dopt.DistributedOptimizer
-    if getattr(cls._set_main_param_and_optimizer_states, "__gptoss_nemo_patched__", False):
-        return True
     if dopt.HAVE_APEX_OR_TE:
         return False
-    return _rewrite_method(cls, "_set_main_param_and_optimizer_states", _STEP_KEY,
+    return _rewrite_method(dopt.DistributedOptimizer, "_set_main_param_and_optimizer_states", _STEP_KEY,
                            "if not isinstance(tensors.get(key), torch.Tensor):")
 
 
@@ -126,8 +123,6 @@ _BIAS_IN_GEMM = "output = torch.nn.functional.linear(total_input, weight, bias)"
 def _patch_linear_bias_in_gemm() -> bool:
     from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
 
-    if getattr(Linear.forward, "__gptoss_nemo_patched__", False):
-        return True
     return _rewrite_method(Linear, "forward", _BIAS_AFTER_GEMM, _BIAS_IN_GEMM)
 
 

@@ -120,10 +120,9 @@ def table_run(tmp_path_factory):
     _pipeline(BASE, root / "base")
     table = root / "table"
     sft_done = outputs(load_recipe(PipelineRecipe, TABLE, [f"run_dir={table}", f"model.hf={base}"]))["sft"]
-    jobs = {"nvfp4": ["-m", "gptoss_nemo", "qat", str(_stage_recipe(table, base, root / "qat-nvfp4", "nvfp4")),
-                      "--local-spec"],
-            "bf16_control": ["-m", "gptoss_nemo", "sft", str(_stage_recipe(table, base, root / "bf16-control", None)),
-                             "--local-spec"]}
+    runs = {"qat_nvfp4": root / "qat-nvfp4", "bf16_control": root / "bf16-control"}  # eval row -> its run
+    jobs = [["-m", "gptoss_nemo", "qat", str(_stage_recipe(table, base, runs["qat_nvfp4"], "nvfp4")), "--local-spec"],
+            ["-m", "gptoss_nemo", "sft", str(_stage_recipe(table, base, runs["bf16_control"], None)), "--local-spec"]]
     with ThreadPoolExecutor(1) as pool:
         pipeline = pool.submit(_pipeline, TABLE, table, f"model.hf={base}")
         while not all(p.exists() for p in sft_done):
@@ -131,17 +130,16 @@ def table_run(tmp_path_factory):
                 pipeline.result()
                 pytest.fail(f"the table's pipeline ended without {sft_done}")
             time.sleep(2)
-        run_many(list(jobs.values()))
-        extra = {"qat_nvfp4": root / "qat-nvfp4", "bf16_control": root / "bf16-control"}
+        run_many(jobs)
         data = [a for source in EVAL.data for a in ("--data", source)]
         r = run_python("-m", "gptoss_nemo", "eval", *(str(run / "checkpoints" / f"step_{QAT_STEPS:07d}")
-                                                      for run in extra.values()),
+                                                      for run in runs.values()),
                        *data, "--checker", EVAL.checker, "--samples", str(EVAL.samples), "--max-new-tokens",
                        str(EVAL.max_new_tokens), "--local-spec", timeout=400)
         summary = pipeline.result()
-    rows = {r["stage"]: r for r in summary["eval"]} | dict(zip(extra, json_line(r, "eval")))
-    return {"base": base, "table": table, "eval": rows, "mxfp4": table / "qat", **extra,
-            "nvfp4": root / "qat-nvfp4", "ptq": json.loads((table / "ptq" / "ptq.json").read_text())}
+    rows = {r["stage"]: r for r in summary["eval"]} | dict(zip(runs, json_line(r, "eval")))
+    return {"eval": rows, "mxfp4": table / "qat", "nvfp4": runs["qat_nvfp4"], "bf16_control": runs["bf16_control"],
+            "ptq": json.loads((table / "ptq" / "ptq.json").read_text())}
 
 
 def _last_val(run: Path) -> float:
