@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parity import bit_identical, fp32_copy, parity_report, token_ids
+from parity import bf16_router_copy, bit_identical, fp32_copy, parity_report, token_ids
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
@@ -50,12 +50,15 @@ else:
 if not args.no_parity:
     ids = token_ids(cfg.vocab_size)
     mc16 = megatron_logits(model, ids)
-    mc32 = megatron_logits(fp32_copy(model, lambda **kw: build_rank_model(
-        cfg, layout, use_te=False, parallel_output=False, **kw)), ids)
+    def build(**kw):
+        return build_rank_model(cfg, layout, use_te=False, parallel_output=False, **kw)
+
+    mc32 = megatron_logits(fp32_copy(model, build), ids)
+    mc16r = megatron_logits(bf16_router_copy(model, build), ids)
     findings = [None] * dist.get_world_size()
     mine = None
     if mc16 is not None and me.tp == 0 and me.dp == 0:
-        mine = parity_report(args.reference, ids, mc16, mc32)
+        mine = parity_report(args.reference, ids, mc16, mc32, mc16r)
     dist.all_gather_object(findings, mine)
     result["parity"] = next(f for f in findings if f is not None)
 

@@ -25,23 +25,37 @@ def reference_logits(hf_dir, ids: torch.Tensor, dtype=torch.bfloat16) -> torch.T
     return out
 
 
-def fp32_copy(model_bf16, build):
-    """An FP32 model (from `build(params_dtype=...)`) holding exactly the BF16 model's weights."""
-    model = build(params_dtype=torch.float32)
+def rebuilt_copy(model, build, **overrides):
+    """A model from `build(**overrides)` (e.g. params_dtype=torch.float32, moe_router_dtype=None) holding exactly
+    `model`'s weights."""
+    copy = build(**overrides)
     with torch.no_grad():
-        for (n32, p32), (n16, p16) in zip(model.named_parameters(), model_bf16.named_parameters(), strict=True):
-            assert n32 == n16
-            p32.copy_(p16)
-    return model
+        for (n_new, p_new), (n_old, p_old) in zip(copy.named_parameters(), model.named_parameters(), strict=True):
+            assert n_new == n_old
+            p_new.copy_(p_old)
+    return copy
 
 
-def parity_report(hf_dir, ids, mc16: torch.Tensor, mc32: torch.Tensor) -> dict:
-    """Megatron vs transformers in FP32 and in BF16, and transformers' own BF16 noise (BF16 vs FP32)."""
+def fp32_copy(model_bf16, build):
+    """An FP32 model holding exactly the BF16 model's weights."""
+    return rebuilt_copy(model_bf16, build, params_dtype=torch.float32)
+
+
+def bf16_router_copy(model_bf16, build):
+    """The same BF16 model routing in BF16 as transformers does (router logits and top-k softmax in the input's
+    dtype; training routes in FP32)."""
+    return rebuilt_copy(model_bf16, build, moe_router_dtype=None)
+
+
+def parity_report(hf_dir, ids, mc16: torch.Tensor, mc32: torch.Tensor, mc16_bf16_router: torch.Tensor) -> dict:
+    """Megatron vs transformers in FP32 and in BF16 (megatron routing in FP32 as in training, and in BF16 as
+    transformers does), and transformers' own BF16 noise (BF16 vs FP32)."""
     hf32 = reference_logits(hf_dir, ids, torch.float32)
     hf16 = reference_logits(hf_dir, ids, torch.bfloat16)
     return {
         "fp32": compare(hf32, mc32),
         "bf16": compare(hf16, mc16),
+        "bf16_routing_as_reference": compare(hf16, mc16_bf16_router),
         "megatron_bf16_vs_reference_fp32": compare(hf32, mc16),
         "reference_bf16_vs_reference_fp32": compare(hf32, hf16),
     }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launch import json_line, result, torchrun
-from parity import bit_identical, fp32_copy, parity_failures, parity_report, token_ids
+from parity import bf16_router_copy, bit_identical, fp32_copy, parity_failures, parity_report, token_ids
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -51,9 +51,12 @@ def test_parity_ep1(megatron_parallel, ckpts):
     ids = token_ids(cfg.vocab_size)
     model = _loaded(cfg, mx)
     mc16 = megatron_logits(model, ids)
-    mc32 = megatron_logits(fp32_copy(model, lambda **kw: build_rank_model(
-        cfg, ParallelLayout(), use_te=False, parallel_output=False, **kw)), ids)
-    r = parity_report(bf, ids, mc16, mc32)
+
+    def build(**kw):
+        return build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False, **kw)
+
+    mc32 = megatron_logits(fp32_copy(model, build), ids)
+    r = parity_report(bf, ids, mc16, mc32, megatron_logits(bf16_router_copy(model, build), ids))
     result("parity EP1 (1 GPU, from MXFP4)", r)
     assert not parity_failures(r, COS, TOP1), parity_failures(r, COS, TOP1)
 
