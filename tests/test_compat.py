@@ -137,6 +137,7 @@ def test_linear_bias_in_gemm_patch():
         return out.detach(), torch.autograd.grad(out, (x, w, b), upstream)
 
     exact = x.double() @ w.double().t() + b.double()
+    bare_grads = None  # the unpatched run, when this process has not patched megatron yet
     if not getattr(Linear.forward, "__gptoss_nemo_patched__", False):
         bare, bare_grads = run()
         assert torch.equal(bare, x @ w.t() + b)  # two roundings
@@ -144,7 +145,7 @@ def test_linear_bias_in_gemm_patch():
     fused, grads = run()
     assert torch.equal(fused, torch.nn.functional.linear(x, w, b))
     assert (fused.double() - exact).abs().mean() < (x @ w.t() + b).double().sub(exact).abs().mean()
-    if "bare_grads" in locals():
+    if bare_grads is not None:
         assert all(torch.equal(a, c) for a, c in zip(bare_grads, grads))
 
 

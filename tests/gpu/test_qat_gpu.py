@@ -148,9 +148,9 @@ def _last_val(run: Path) -> float:
 
 def test_qat_recovers_what_ptq_loses(table_run):
     """The published situation in miniature: PTQ of the BF16 fine-tune loses a clear part of its gain (at least
-    5% of the SFT validation loss), and QAT recovers at least 80% of that gap (the issue's ratio); QAT is also
-    set against the BF16 control (the same steps without quantization), so continued training is not taken for
-    recovery. Validation loss: megatron, the SFT data's validation batches."""
+    5% of the SFT validation loss), and QAT recovers at least 80% of that gap (the issue's ratio). QAT's distance
+    from the BF16 control (the same steps without quantization) is reported beside it, not asserted: continued
+    training alone also lowers the loss. Validation loss: megatron, the SFT data's validation batches."""
     ptq = table_run["ptq"]
     table = {"sft_bf16": ptq["val_loss_bf16"], "ptq_mxfp4": ptq["val_loss"]}
     errors = {}
