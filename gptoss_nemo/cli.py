@@ -184,8 +184,9 @@ def _verify_export(args: argparse.Namespace) -> int:
         line = f"verify-export: {r['sequences']} sequences x {r['seq_length']} tokens: cosine min {r['min_cos']:.6f} " \
                f"mean {r['mean_cos']:.6f}, top-1 agreement {r['top1']:.2%}"
         if "transformers_bf16_vs_fp32" in r:
-            f = r["transformers_bf16_vs_fp32"]
-            line += f" (transformers' own BF16 vs FP32: {f['min_cos']:.6f}, {f['top1']:.2%})"
+            f, m = r["transformers_bf16_vs_fp32"], r["megatron_vs_transformers_fp32"]
+            line += f" (against transformers' FP32: transformers BF16 {f['min_cos']:.6f}, {f['top1']:.2%}; " \
+                    f"megatron BF16 {m['min_cos']:.6f}, {m['top1']:.2%})"
         print(line)
         print(json.dumps({"verify_export": r}))
     return 0

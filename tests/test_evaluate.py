@@ -93,3 +93,23 @@ def test_eval_command_prints_table_and_json(tiny_bf16, capsys):
     assert out[0].split() == ["checkpoint", "samples", "val", "loss", "pass", "rate"]
     rows = json.loads(out[-1])["eval"]
     assert rows[0]["samples"] == 1 and rows[0]["checker"] == "arithmetic"
+
+
+def test_verify_export_noise_floor_pairs_each_bf16_run_with_transformers_fp32(tiny_bf16):
+    """verify-export's floor: transformers' BF16 and the megatron model's logits, each against transformers' FP32.
+    Given transformers' own FP32 logits as 'megatron's', that pair is exact and the BF16 pair equals the main one."""
+    from transformers import GptOssForCausalLM
+
+    from gptoss_nemo.evaluate.verify_export import _against_transformers
+
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = GptOssForCausalLM.from_pretrained(tiny_bf16, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        fp32 = model(input_ids=ids).logits
+    r = _against_transformers(tiny_bf16, ids, fp32, floor=True)
+    assert r["megatron_vs_transformers_fp32"] == {"min_cos": pytest.approx(1.0, abs=1e-12), "top1": 1.0}
+    floor = r["transformers_bf16_vs_fp32"]
+    assert floor["min_cos"] == pytest.approx(r["min_cos"], abs=1e-9) and floor["top1"] == r["top1"]
+    assert floor["min_cos"] < 1 - 1e-7  # BF16 rounding is there to see
+    no_floor = _against_transformers(tiny_bf16, ids, fp32, floor=False)
+    assert "megatron_vs_transformers_fp32" not in no_floor and no_floor["top1"] == r["top1"]

@@ -3,9 +3,11 @@ computes? The export is loaded with transformers (MXFP4 experts dequantized as t
 attention with sinks), the checkpoint as the megatron model (a QAT / PTQ checkpoint with its ModelOpt fake-quant
 quantizers restored), both run the same validation sequences (harmony-rendered conversations of `--data`, packed
 to `--seq-length` tokens), and the full-vocabulary logits are compared: cosine similarity per sequence and top-1
-agreement over every position. transformers' own BF16-vs-FP32 distance on the same sequences is printed beside
-them (`--no-floor` skips it: it loads the export a second time in FP32): the noise floor any BF16
-implementation pair shows. `--router-dtype bf16` routes the megatron model as transformers does (router logits and
+agreement over every position. transformers' FP32 logits on the same sequences give the noise floor beside them
+(`--no-floor` skips it: it loads the export a second time in FP32): how far transformers' own BF16 lies from its
+FP32, and how far the megatron model's BF16 does. Two BF16 implementations can only be held to each other as
+tightly as each one's rounding allows; the second pair says whether the megatron model is as accurate as
+transformers at BF16. `--router-dtype bf16` routes the megatron model as transformers does (router logits and
 the top-k softmax in BF16) instead of training's FP32 router: a like-for-like BF16 comparison. Near-tied experts
 are then chosen the same way by both, where an FP32 and a BF16 router pick differently.
 
@@ -135,6 +137,8 @@ def _against_transformers(out_dir, ids: torch.Tensor, ours: torch.Tensor, floor:
     out = {"min_cos": ref["min_cos"], "mean_cos": sum(ref["cos_per_sequence"]) / len(ref["cos_per_sequence"]),
            "top1": ref["top1"]}
     if floor:
-        noise = compare(logits[torch.float32], logits[torch.bfloat16].float())
-        out["transformers_bf16_vs_fp32"] = {"min_cos": noise["min_cos"], "top1": noise["top1"]}
+        pairs = {"transformers_bf16_vs_fp32": logits[torch.bfloat16], "megatron_vs_transformers_fp32": ours}
+        for key, bf16 in pairs.items():
+            noise = compare(logits[torch.float32], bf16.float())
+            out[key] = {"min_cos": noise["min_cos"], "top1": noise["top1"]}
     return out

@@ -5,6 +5,7 @@ through ModelOpt's quantizers), and `verify-export` finds transformers on the ex
 from pathlib import Path
 
 from launch import json_line, result, torchrun
+from parity import as_accurate_as_reference
 
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -37,8 +38,10 @@ def check_mxfp4_export(ckpt: Path, out: Path, *, label: str, port: int, nproc: i
 
 
 def within_bf16_criterion(verified: dict) -> bool:
-    """verify-export's BF16 criterion: cosine >= 0.9999 per sequence, and top-1 agreement >= 99% or, where BF16
-    itself flips more near-tied top-1 tokens (transformers' own BF16 vs FP32 agreeing on fewer positions), at
-    least that agreement. The issue's flat 99% sits inside that noise on the tiny model: tests/gpu/RESULTS.md."""
-    floor = verified["transformers_bf16_vs_fp32"]["top1"]
-    return verified["min_cos"] >= 0.9999 and verified["top1"] >= min(0.99, floor)
+    """verify-export's BF16 criterion: issue 3's thresholds (cosine >= 0.9999 per sequence, top-1 >= 99%) or, where
+    BF16 rounding alone exceeds them, the megatron model as accurate as transformers at BF16 (both against
+    transformers' FP32 logits: parity.as_accurate_as_reference). On tiny models transformers' own BF16 misses the
+    flat thresholds against its FP32 (random weights: 97.5% top-1; trained: 98.7-99.4%, tests/gpu/RESULTS.md)."""
+    flat = verified["min_cos"] >= 0.9999 and verified["top1"] >= 0.99
+    return flat or as_accurate_as_reference(verified["megatron_vs_transformers_fp32"],
+                                            verified["transformers_bf16_vs_fp32"])

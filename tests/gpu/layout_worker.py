@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parity import bf16_router_copy, bit_identical, fp32_copy, parity_report, token_ids
+from parity import bit_identical, megatron_variants, parity_report, token_ids
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
 from gptoss_nemo.convert.hf_export import export_hf
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
-from gptoss_nemo.evaluate.logits import megatron_logits
 from gptoss_nemo.model.build import build_rank_model
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
@@ -49,16 +48,12 @@ else:
 
 if not args.no_parity:
     ids = token_ids(cfg.vocab_size)
-    mc16 = megatron_logits(model, ids)
-    def build(**kw):
-        return build_rank_model(cfg, layout, use_te=False, parallel_output=False, **kw)
-
-    mc32 = megatron_logits(fp32_copy(model, build), ids)
-    mc16r = megatron_logits(bf16_router_copy(model, build), ids)
+    logits = megatron_variants(
+        model, ids, lambda **kw: build_rank_model(cfg, layout, use_te=False, parallel_output=False, **kw))
     findings = [None] * dist.get_world_size()
     mine = None
-    if mc16 is not None and me.tp == 0 and me.dp == 0:
-        mine = parity_report(args.reference, ids, mc16, mc32, mc16r)
+    if logits[0] is not None and me.tp == 0 and me.dp == 0:
+        mine = parity_report(args.reference, ids, *logits)
     dist.all_gather_object(findings, mine)
     result["parity"] = next(f for f in findings if f is not None)
 
