@@ -1,6 +1,8 @@
-"""Training-step speed on gpt-oss-20b layer shapes: gptoss-nemo's megatron model (fused or reference local kernels,
-BF16 SFT or QAT) against Hugging Face transformers `GptOssForCausalLM` (eager and flex attention), same shapes, same
-GPU. Prints one JSON line per variant, then (--suite) one summary line.
+"""Training-step speed on gpt-oss-20b layer shapes: gptoss-nemo's megatron model under each implementation
+(model/impl.py: fused local kernels, Transformer Engine's spec, megatron's reference modules; BF16 SFT or QAT)
+against Hugging Face transformers `GptOssForCausalLM` (eager and flex attention), same shapes, same GPU. Prints one
+JSON line per variant, then (--suite) one summary line. The te rows need Transformer Engine (skipped, with the
+reason in their row, where it does not import); with TE installed every megatron row steps with TE's fused Adam.
 
 Shapes: hidden 2880, 64 query / 8 KV heads of 64, 32 experts top-4 of width 2880, sinks, layers alternating
 sliding (128) / full, vocabulary 201088 with an untied output layer; `--layers` (default 2: one of each) so it fits
@@ -27,8 +29,9 @@ Expert parallelism: EP = the number of GPUs (TP = PP = 1, so data parallel over 
 efficiency: tokens/s per GPU at N GPUs over tokens/s at the smallest count.
 
     python benchmarks/train_step.py --suite [--seq 4096 8192] [--layers 2]        every variant, one GPU
-    python benchmarks/train_step.py --impl megatron --kernels fused --quant mxfp4 --seq 4096
-    torchrun --nproc-per-node 4 benchmarks/train_step.py --impl megatron --ep 4  expert parallel (tokens/s per GPU)
+    python benchmarks/train_step.py --impl fused --quant mxfp4 --seq 4096
+    python benchmarks/train_step.py --impl te --profile                           TE's spec, with its kernel profile
+    torchrun --nproc-per-node 4 benchmarks/train_step.py --impl fused --ep 4      expert parallel (tokens/s per GPU)
     python benchmarks/train_step.py --scaling 1 2 4 [--layers 2]                   EP1 / EP2 / EP4 and the efficiency
 """
 
@@ -87,11 +90,10 @@ def rates(cfg, seq: int, tokens: int, seconds: float, peak: float) -> dict:
 
 
 def planned_gib(cfg, layout, world: int, args) -> dict:
-    """`gptoss-nemo plan`'s per-GPU estimate for this run (local spec, micro-batches of one sequence)."""
+    """`gptoss-nemo plan`'s per-GPU estimate for this run (micro-batches of one sequence)."""
     from gptoss_nemo.plan.memory import estimate
 
-    mem, _ = estimate(cfg, layout, world, args.seq, 1, te=False, qat=args.quant != "none",
-                      fused=args.kernels == "fused")
+    mem, _ = estimate(cfg, layout, world, args.seq, 1, impl=args.impl, qat=args.quant != "none")
     return {k: round(v, 2) for k, v in mem.gib().items()}
 
 
@@ -140,9 +142,8 @@ def run_megatron(args) -> dict:
     layout = ParallelLayout(tp=1, ep=args.ep, pp=1)
     me = init_distributed(layout, seed=1234)
     world = torch.distributed.get_world_size()
-    gpt = build_rank_model(cfg, layout, RouterConfig(), use_te=False, calculate_per_token_loss=True,
-                           local_kernels=args.kernels, cross_entropy_loss_fusion=args.fused_ce,
-                           cross_entropy_fusion_impl="native")
+    gpt = build_rank_model(cfg, layout, RouterConfig(), impl=args.impl, calculate_per_token_loss=True,
+                           cross_entropy_loss_fusion=args.fused_ce, cross_entropy_fusion_impl="native")
     recipe = SimpleNamespace(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=1),
                              train=TrainConfig(steps=args.warmup + args.steps + 2))
     model, optimizer, scheduler = build_training(recipe, gpt)
@@ -180,7 +181,7 @@ def run_megatron(args) -> dict:
     peaks = [None] * world  # every rank's peak: routing is not balanced, so expert ranks differ
     torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30)
     planned = planned_gib(cfg, layout, world, args)
-    out = {"impl": "megatron", "kernels": args.kernels, "quant": args.quant, "seq": args.seq, "layers": args.layers,
+    out = {"impl": args.impl, "quant": args.quant, "seq": args.seq, "layers": args.layers,
            "ep": args.ep, "gpus": world, "micro_batches": mb, "fused_ce": args.fused_ce,
            "step_s": whole, "fwd_bwd_s": fwd_bwd / mb, "optimizer_s": whole - fwd_bwd,
            **rates(cfg, args.seq, tokens, whole, peak),
@@ -229,14 +230,16 @@ def run_hf(args) -> dict:
 
 
 SUITE = {  # key: (name, extra arguments); one process each, so every variant starts with the GPU to itself
-    "fused": ("megatron local, fused kernels", ["--impl", "megatron", "--kernels", "fused"]),
-    "fused-ce": ("megatron local, fused kernels, fused cross entropy",
-                 ["--impl", "megatron", "--kernels", "fused", "--fused-ce"]),
+    "fused": ("megatron local, fused kernels", ["--impl", "fused"]),
+    "te": ("megatron Transformer Engine spec", ["--impl", "te"]),
+    "fused-ce": ("megatron local, fused kernels, fused cross entropy", ["--impl", "fused", "--fused-ce"]),
     "hf-flex": ("transformers flex_attention", ["--impl", "hf", "--attn", "flex_attention"]),
-    "qat": ("megatron local, fused kernels, QAT mxfp4", ["--impl", "megatron", "--kernels", "fused", "--quant", "mxfp4"]),
+    "qat": ("megatron local, fused kernels, QAT mxfp4", ["--impl", "fused", "--quant", "mxfp4"]),
+    "te-qat": ("megatron Transformer Engine spec, QAT mxfp4", ["--impl", "te", "--quant", "mxfp4"]),
     "hf-eager": ("transformers eager", ["--impl", "hf", "--attn", "eager"]),
-    "reference": ("megatron local, reference kernels", ["--impl", "megatron", "--kernels", "reference"]),
+    "reference": ("megatron local, reference kernels", ["--impl", "reference"]),
 }
+PROFILED = ("fused", "te", "hf-flex")
 
 
 def _child_row(cmd: list[str], args, **tags) -> dict:
@@ -260,7 +263,7 @@ def run_suite(args) -> dict:
     for seq in args.seq_list:
         for key in args.variants:
             name, extra = SUITE[key]
-            profile = ["--profile"] if args.profile and key in ("fused", "hf-flex") else []
+            profile = ["--profile"] if args.profile and key in PROFILED else []
             rows.append(_child_row([sys.executable, __file__, *extra, *_shape_args(args, seq), *profile], args,
                                    name=name, seq=seq))
     summary = {"suite": True, "layers": args.layers, "rows": len(rows)}
@@ -269,6 +272,9 @@ def run_suite(args) -> dict:
         flex = by.get("transformers flex_attention", {}).get("fwd_bwd_tokens_per_s")
         ours = by.get("megatron local, fused kernels", {})
         qat = by.get("megatron local, fused kernels, QAT mxfp4", {})
+        te = by.get("megatron Transformer Engine spec", {})
+        if te and ours:
+            summary[f"s{seq}_te_over_fused_step_tokens_per_s"] = te["tokens_per_s"] / ours["tokens_per_s"]
         if flex and ours:
             summary[f"s{seq}_step_vs_hf_flex"] = ours["tokens_per_s"] / flex
             summary[f"s{seq}_fwd_bwd_vs_hf_flex"] = ours["fwd_bwd_tokens_per_s"] / flex
@@ -281,13 +287,13 @@ def run_suite(args) -> dict:
 
 
 def run_scaling(args) -> dict:
-    """The megatron variant (--kernels, --quant) at each GPU count of --scaling, EP = that count."""
+    """The megatron variant (--impl, --quant) at each GPU count of --scaling, EP = that count."""
     rows = [_child_row([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-                        "--master-port=29571", __file__, "--impl", "megatron", "--kernels", args.kernels, "--quant",
+                        "--master-port=29571", __file__, "--impl", args.impl, "--quant",
                         args.quant, "--ep", str(n), *_shape_args(args, args.seq_list[0])], args, ep=n)
             for n in args.scaling]
     ok = [r for r in rows if "error" not in r]
-    summary = {"scaling": True, "layers": args.layers, "seq": args.seq_list[0], "kernels": args.kernels,
+    summary = {"scaling": True, "layers": args.layers, "seq": args.seq_list[0], "impl": args.impl,
                "quant": args.quant}
     if ok:
         base = ok[0]
@@ -301,8 +307,8 @@ def run_scaling(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", action="store_true", help="every variant, one process each, then a summary")
-    p.add_argument("--impl", choices=["megatron", "hf"], default="megatron")
-    p.add_argument("--kernels", choices=["fused", "reference"], default="fused")
+    p.add_argument("--impl", choices=["fused", "te", "reference", "hf"], default="fused",
+                   help="the megatron model's implementation (model/impl.py), or hf: transformers")
     p.add_argument("--quant", choices=["none", "mxfp4", "nvfp4"], default="none")
     p.add_argument("--attn", choices=["eager", "flex_attention", "sdpa"], default="flex_attention")
     p.add_argument("--seq", type=int, nargs="+", default=[4096], dest="seq_list")
@@ -323,7 +329,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_suite(args) if args.suite else run_scaling(args)), flush=True)
         return
     args.seq = args.seq_list[0]
-    out = run_megatron(args) if args.impl == "megatron" else run_hf(args)
+    out = run_hf(args) if args.impl == "hf" else run_megatron(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(out), flush=True)
 

@@ -49,26 +49,40 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _impl(args: argparse.Namespace, recipe_impl: str = "auto") -> str:
+    """The implementation asked for (model/impl.py): --impl over the recipe's model.impl, then --local-spec."""
+    from gptoss_nemo.model.impl import with_local_spec
+
+    return with_local_spec(args.impl or recipe_impl, args.local_spec)
+
+
+def _load_stage_recipe(cls, args: argparse.Namespace):
+    """A recipe with the command line's --impl / --local-spec applied to its model.impl."""
+    from gptoss_nemo.config.load import load_recipe
+
+    recipe = load_recipe(cls, args.recipe, args.overrides)
+    recipe.model.impl = _impl(args, recipe.model.impl)
+    return recipe
+
+
 def _distributed(run, src: str, dst: str, args: argparse.Namespace, **kwargs):
     """Run a multi-rank stage command; the process group is torn down however it ends."""
     from gptoss_nemo.parallel.setup import shutdown
 
     try:
-        return run(src, dst, _layout(args), overwrite=args.overwrite, use_te=False if args.local_spec else None,
-                   **kwargs)
+        return run(src, dst, _layout(args), overwrite=args.overwrite, impl=_impl(args), **kwargs)
     finally:
         shutdown()
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from gptoss_nemo.config.load import load_recipe
+    from gptoss_nemo.config.pipeline import PipelineRecipe, is_pipeline_recipe
     from gptoss_nemo.config.sft import SFTRecipe
+    from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.plan.memory import GIB, estimate
 
-    from gptoss_nemo.config.pipeline import PipelineRecipe, is_pipeline_recipe
-
     pipeline = is_pipeline_recipe(args.recipe)
-    recipe = load_recipe(PipelineRecipe if pipeline else SFTRecipe, args.recipe, args.overrides)
+    recipe = _load_stage_recipe(PipelineRecipe if pipeline else SFTRecipe, args)
     if args.model:
         from gptoss_nemo.model.presets import preset
 
@@ -84,18 +98,19 @@ def _plan(args: argparse.Namespace) -> int:
     qat_stage = pipeline and recipe.qat.enabled
     if pipeline:  # the QAT stage holds the most (same layout and data, plus the fake-quantized experts)
         recipe = recipe.qat_recipe() if qat_stage else recipe.sft_recipe()
-    te = not args.local_spec
-    recipe.parallel.validate(cfg, args.world_size, te=te)
+    impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True, here=False)  # the job's machine
+    recipe.parallel.validate(cfg, args.world_size, te=impl.te)
     qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
-                          recipe.train.micro_batch_size, te=te, qat=qat, fused=recipe.train.kernels == "fused")
+                          recipe.train.micro_batch_size, impl=impl.name, qat=qat)
     fits = mem.total <= args.gpu_memory_gib * GIB
     from gptoss_nemo.train.flops import train_flops_per_token
 
     tokens = recipe.train.global_batch_size * recipe.data.seq_length
     step_s = train_flops_per_token(cfg, recipe.data.seq_length) * tokens / (args.world_size * args.tflops * 1e12)
     print(json.dumps({"layout": {"tp": recipe.parallel.tp, "ep": recipe.parallel.ep, "pp": recipe.parallel.pp,
-                                 "world_size": args.world_size}, "busiest_stage": stage, "per_gpu_gib": mem.gib(),
+                                 "world_size": args.world_size}, "impl": impl.name, "busiest_stage": stage,
+                      "per_gpu_gib": mem.gib(),
                       "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits, "tokens_per_step": tokens,
                       "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops}))
     if not fits:
@@ -108,16 +123,14 @@ def _train_stage(args: argparse.Namespace) -> int:
     """sft, qat (the SFT loop on a fake-quantized model) and ptq (quantize, no training)."""
     import logging
 
-    from gptoss_nemo.config.load import load_recipe
     from gptoss_nemo.launch.stage import STAGES
     from gptoss_nemo.parallel.setup import shutdown
     from gptoss_nemo.train.sft import dry_run, run_sft
 
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
-    recipe = load_recipe(STAGES[args.command], args.recipe, args.overrides)
-    use_te = False if args.local_spec else None
+    recipe = _load_stage_recipe(STAGES[args.command], args)
     if args.dry_run:
-        plan = dry_run(recipe, use_te)
+        plan = dry_run(recipe)
         if _rank0():
             print(json.dumps({"dry_run": plan}))
         return 0
@@ -126,7 +139,7 @@ def _train_stage(args: argparse.Namespace) -> int:
     else:
         run = run_sft
     try:
-        summary = run(recipe, use_te=use_te)
+        summary = run(recipe)
     finally:
         shutdown()
     if _rank0():
@@ -137,15 +150,13 @@ def _train_stage(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     import logging
 
-    from gptoss_nemo.config.load import load_recipe
     from gptoss_nemo.config.pipeline import PipelineRecipe
     from gptoss_nemo.evaluate.hf_eval import table
     from gptoss_nemo.parallel.setup import shutdown
     from gptoss_nemo.pipeline.run import dry_run, run
 
     logging.basicConfig(level=logging.INFO if _rank0() else logging.WARNING, format="%(asctime)s %(message)s")
-    recipe = load_recipe(PipelineRecipe, args.recipe, args.overrides)
-    use_te = False if args.local_spec else None
+    recipe = _load_stage_recipe(PipelineRecipe, args)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
@@ -153,12 +164,12 @@ def _pipeline(args: argparse.Namespace) -> int:
               "printing the plan instead (--dry-run)", file=sys.stderr)
         args.dry_run = True
     if args.dry_run:
-        plan = dry_run(recipe, use_te)
+        plan = dry_run(recipe)
         if _rank0():
             print(json.dumps({"dry_run": plan}))
         return 0
     try:
-        summary = run(recipe, use_te=use_te, only=args.only)
+        summary = run(recipe, only=args.only)
     finally:
         shutdown()
     if _rank0():
@@ -175,8 +186,7 @@ def _verify_export(args: argparse.Namespace) -> int:
 
     try:
         r = verify_export(args.out_dir, args.against, _layout(args), data=args.data or ["synthetic:arithmetic:256:7"],
-                          samples=args.samples, seq_length=args.seq_length,
-                          use_te=False if args.local_spec else None, floor=not args.no_floor,
+                          samples=args.samples, seq_length=args.seq_length, impl=_impl(args), floor=not args.no_floor,
                           router_dtype=args.router_dtype)
     finally:
         shutdown()
@@ -198,7 +208,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = RenderOptions(loss_on=args.loss_on)
     rows = [evaluate(ckpt, args.data, args.checker, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                     opts=opts, use_te=False if args.local_spec else None) for ckpt in args.ckpt]
+                     opts=opts, impl=_impl(args)) for ckpt in args.ckpt]
     print(table(rows))
     print(json.dumps({"eval": rows}))
     return 0
@@ -207,7 +217,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from gptoss_nemo.launch.stage import launch
 
-    launch(args.stage, args.recipe, args.overrides, mode=args.mode, dry_run=args.dry_run, local_spec=args.local_spec)
+    launch(args.stage, args.recipe, args.overrides, mode=args.mode, dry_run=args.dry_run, impl=args.impl,
+           local_spec=args.local_spec)
     return 0
 
 
@@ -217,21 +228,29 @@ def _rank0() -> bool:
     return env_rank() == 0
 
 
+def _impl_args(p) -> None:
+    from gptoss_nemo.model.impl import CHOICES
+
+    p.add_argument("--impl", choices=CHOICES, default=None,
+                   help="the model's implementation (default: the recipe's model.impl, else auto = fused, or te "
+                        "where training needs tensor parallelism)")
+    p.add_argument("--local-spec", action="store_true",
+                   help="megatron's local spec, not Transformer Engine's: turns te and auto into fused")
+
+
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout (launch with torchrun/srun; world size = WORLD_SIZE)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    g.add_argument("--local-spec", action="store_true",
-                   help="megatron's local layer spec even when Transformer Engine imports")
+    _impl_args(g)
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """RECIPE [a.b=c ...] [--local-spec] [--dry-run]: what every recipe-driven stage takes."""
+    """RECIPE [a.b=c ...] [--impl] [--local-spec] [--dry-run]: what every recipe-driven stage takes."""
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--local-spec", action="store_true",
-                   help="megatron's local layer spec even when Transformer Engine imports")
+    _impl_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check the recipe, checkpoint, layout and data and print the plan; no GPU needed")
     return p
@@ -273,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, default=400.0,
                    help="achieved BF16 TFLOP/s per GPU assumed for the step-time estimate (model FLOPs, active "
                         "experts only; 400 is about 40%% of an H100's dense BF16 peak)")
-    p.add_argument("--local-spec", action="store_true", help="plan for megatron's local spec instead of TE")
+    _impl_args(p)
     p.set_defaults(func=_plan)
 
     for stage, text in (("sft", "BF16 fine-tuning with the router and its load-balancing loss (torchrun/srun)"),
@@ -312,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, help="conversations evaluated (the first N)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--loss-on", default="assistant", choices=["assistant", "final", "last_turn"])
-    p.add_argument("--local-spec", action="store_true",
-                   help="export gptoss-nemo checkpoints with megatron's local spec")
+    _impl_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("launch", help="run a stage on a Slurm cluster (sbatch, one task per GPU) or one node")
@@ -327,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--local", dest="mode", action="store_const", const="local",
                       help="run on this node with torchrun (cluster.gpus_per_node processes)")
     p.add_argument("--dry-run", action="store_true", help="launch the stage's --dry-run (CPU tasks, no GPUs)")
-    p.add_argument("--local-spec", action="store_true", help="validate and run for megatron's local spec")
+    _impl_args(p)
     p.set_defaults(func=_launch)
 
     p = sub.add_parser("export", help="gptoss-nemo checkpoint -> Hugging Face checkpoint")

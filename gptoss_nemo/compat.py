@@ -56,6 +56,42 @@ and is called by the model builder; it returns the names of the patches in effec
    deficit against FP32 3.6e-4 -> 2.5e-4 (transformers' own BF16: 3.0e-4). The backward is unchanged. Upstream:
    same file.
 
+6. moe_local_checkpoint_keys — megatron-core 0.19.2, `megatron/core/models/gpt/gpt_layer_specs.py`,
+   `get_gpt_layer_local_submodules`: the local spec maps `pre_mlp_layernorm.` to `mlp.linear_fc1.layer_norm_` in
+   every layer's `sharded_state_dict_keys_map`, the name of a dense MLP's norm that TE fuses into its fc1. For MoE
+   layers TE's spec keeps a separate `pre_mlp_layernorm` and no such mapping, so a checkpoint written under one spec
+   fails to load under the other (`decoder.layers.pre_mlp_layernorm.weight ... not in state dict`, seen on an H200
+   with TE 2.20). `moe_local_spec_checkpoint_keys` drops that entry from the local spec of MoE layers: both specs
+   then write TE's name (checkpoints written before carry the old one, which convert/checkpoint_keys.py reads as an
+   alias). Upstream: NVIDIA/Megatron-LM pull request #6270 (open as of 2026-08), which reports the same
+   local/TE MoE norm key mismatch for gpt-oss.
+
+7. modelopt_te_attention_sinks_tp — nvidia-modelopt 0.47.0, `modelopt/torch/quantization/plugins/megatron.py`,
+   `_QuantTEDotProductAttention.sharded_state_dict`: ModelOpt converts every TE attention when it quantizes (its
+   KV-cache quantizers stay disabled for the expert formats) and replaces megatron's `sharded_state_dict`, which
+   shards the learnable softmax offset (gpt-oss's sinks) over tensor-parallel ranks like the heads, by one that
+   declares every tensor replicated: with TP > 1 a QAT or PTQ checkpoint keeps TP rank 0's sinks for all heads.
+   The patch returns megatron's own `TEDotProductAttention.sharded_state_dict`, which writes the quantizers' scalar
+   state the same way and shards `softmax_offset` on its axis 0. Upstream: NVIDIA/Model-Optimizer, same file.
+
+8. modelopt_expert_quantizer_names — the same file, `quant_module_set_extra_state`: a quantized module's quantizer
+   configuration rides in its `_extra_state`, keyed by quantizer name. megatron's SequentialMLP experts (the local
+   spec) have one `weight_quantizer` per expert linear; TE's grouped experts have `weight_quantizer.0..N-1` in one
+   linear. ModelOpt falls back from `weight_quantizer.i` to `weight_quantizer.0` only, so a QAT checkpoint written
+   under one spec leaves the other's expert weight quantizers unconfigured. The patch adds the other fallback
+   (`weight_quantizer.i` <-> `weight_quantizer`): every expert of a projection shares one configuration (the
+   per-expert amax rides in the sharded tensors). Upstream: NVIDIA/Model-Optimizer, same file.
+
+9. modelopt_grouped_amax_restore — nvidia-modelopt 0.47.0, `modelopt/torch/quantization/plugins/custom.py`,
+   `_ParallelLinear.modelopt_post_restore`: restoring a quantized model resets the weight quantizer's amax and
+   recalibrates it by calling the quantizer on `self.weight`. For TE's grouped experts the quantizer is a
+   GroupedQuantizer, whose reset reaches every expert's quantizer but whose call runs only expert 0's, so experts
+   1..N-1 come out of the restore with no amax, the checkpoint's per-expert amax is then not even requested, and
+   NVFP4 falls back to each weight's own dynamic scale: a resumed or exported NVFP4 model under TE silently computes
+   with other scales than it trained with (seen on the CPU with TE 2.20 and ModelOpt 0.47: 1 of 8 experts kept
+   its amax). `grouped_amax_buffers` gives every expert quantizer lacking one an amax shaped like expert 0's before
+   the checkpoint's tensors load, which then fill it. Upstream: NVIDIA/Model-Optimizer, same file.
+
 `GPTOSS_NEMO_SKIP_PATCHES=name1,name2` leaves the named workarounds out (to check whether one is still needed).
 """
 
@@ -73,9 +109,10 @@ _INPLACE_BIAS = "output += output_bias.unsqueeze(0) * per_token_scale.unsqueeze(
 _OUT_OF_PLACE_BIAS = "output = output + output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)"
 
 
-def _rewrite_method(cls: type, name: str, old: str, new: str) -> bool:
-    """Recompile `cls.name` with the source text `old` (once in it, indented as in the dedented method) replaced
-    by `new`; False if `old` is absent. Static methods stay static. True at once when it is already rewritten."""
+def _rewrite_method(cls, name: str, old: str, new: str) -> bool:
+    """Recompile `cls.name` (a class's method, or a module's function) with the source text `old` (once in it,
+    indented as in the dedented source) replaced by `new`; False if `old` is absent. Static methods stay static.
+    True at once when it is already rewritten."""
     is_static = isinstance(inspect.getattr_static(cls, name), staticmethod)
     func = getattr(cls, name)
     if getattr(func, "__gptoss_nemo_patched__", False):
@@ -129,6 +166,92 @@ def _patch_linear_bias_in_gemm() -> bool:
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
             "linear_bias_in_gemm": _patch_linear_bias_in_gemm}
+
+_LOCAL_MOE_NORM_KEY = "pre_mlp_layernorm."
+
+
+def moe_local_spec_checkpoint_keys(spec):
+    """Workaround 6: the local spec of an MoE layer (from `get_gpt_layer_local_spec(num_experts=...)`) without
+    the dense-MLP key mapping of its pre-MLP norm, so it writes TE's key. Returns the spec (changed in place)."""
+    keys = spec.submodules.sharded_state_dict_keys_map
+    if "moe_local_checkpoint_keys" in skipped_patches() or not keys or _LOCAL_MOE_NORM_KEY not in keys:
+        return spec
+    spec.submodules.sharded_state_dict_keys_map = {k: v for k, v in keys.items() if k != _LOCAL_MOE_NORM_KEY}
+    _APPLIED.add("moe_local_checkpoint_keys")
+    return spec
+
+
+_REPLICATED_ATTENTION = "make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets)"
+
+
+def _patch_modelopt_te_attention_sinks_tp() -> bool:
+    import inspect as _inspect
+
+    from modelopt.torch.quantization.plugins import megatron as mo
+
+    quant_attention = getattr(mo, "_QuantTEDotProductAttention", None)  # defined only when TE imports
+    if quant_attention is None:
+        return False
+    if getattr(quant_attention.sharded_state_dict, "__gptoss_nemo_patched__", False):
+        return True
+    if _REPLICATED_ATTENTION not in _inspect.getsource(quant_attention.sharded_state_dict):
+        return False
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return TEDotProductAttention.sharded_state_dict(self, prefix, sharded_offsets,
+                                                        ensure_metadata_has_dp_cp_group(metadata))
+
+    sharded_state_dict.__gptoss_nemo_patched__ = True
+    quant_attention.sharded_state_dict = sharded_state_dict
+    return True
+
+
+_EXPERT_QUANTIZER_FALLBACK = "quantizer_substate = quantizer_state.get(fallback)"
+_EXPERT_QUANTIZER_EITHER = ("quantizer_substate = quantizer_state.get(fallback, quantizer_state.get(re.sub("
+                            "r'^weight_quantizer(\\.\\d+)?', lambda m: 'weight_quantizer' if m.group(1) else "
+                            "'weight_quantizer.0', name)))")
+
+
+def _patch_modelopt_expert_quantizer_names() -> bool:
+    from modelopt.torch.quantization.plugins import megatron as mo
+
+    return _rewrite_method(mo, "quant_module_set_extra_state", _EXPERT_QUANTIZER_FALLBACK, _EXPERT_QUANTIZER_EITHER)
+
+
+_MODELOPT_PATCHES = {"modelopt_te_attention_sinks_tp": _patch_modelopt_te_attention_sinks_tp,
+                     "modelopt_expert_quantizer_names": _patch_modelopt_expert_quantizer_names}
+
+
+def grouped_amax_buffers(model: torch.nn.Module) -> int:
+    """Workaround 9, after ModelOpt's restore and before the checkpoint's tensors load: every quantizer of a
+    GroupedQuantizer whose first member has an amax gets one too (its value is the checkpoint's once loaded).
+    Returns how many it added."""
+    if "modelopt_grouped_amax_restore" in skipped_patches():
+        return 0
+    from modelopt.torch.quantization.nn import GroupedQuantizer
+
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, GroupedQuantizer) or getattr(module[0], "_amax", None) is None:
+            continue
+        for q in list(module)[1:]:
+            if getattr(q, "_amax", None) is None:
+                q.amax = module[0].amax.detach().clone()
+                added += 1
+    if added:
+        _APPLIED.add("modelopt_grouped_amax_restore")
+    return added
+
+
+def apply_modelopt_patches() -> list[str]:
+    """Apply the ModelOpt workarounds (before quantizing or restoring a quantized model); the names in effect."""
+    skip = skipped_patches()
+    for name, patch in _MODELOPT_PATCHES.items():
+        if name not in _APPLIED and name not in skip and patch():
+            _APPLIED.add(name)
+    return sorted(_APPLIED)
 
 
 def skipped_patches() -> set[str]:

@@ -22,12 +22,13 @@ def build(cfg):
     from gptoss_nemo.model.build import transformer_config
     from gptoss_nemo.parallel.layout import ParallelLayout
 
-    config = transformer_config(cfg, None, use_te=False, use_cpu_initialization=True,
+    config = transformer_config(cfg, None, "reference", use_cpu_initialization=True,
                                 **ParallelLayout().megatron_overrides(False))
 
     class Layer0Experts(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            self.config = config  # what a checkpoint's metadata reads ("impl")
             self.decoder = torch.nn.Module()
             self.decoder.layers = torch.nn.ModuleList([torch.nn.Module()])
             self.decoder.layers[0].mlp = torch.nn.Module()

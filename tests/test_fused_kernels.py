@@ -105,7 +105,7 @@ SCRIPT = textwrap.dedent("""
         GroupedGemmExperts(4, dataclasses.replace(cfg, glu_linear_offset=0.0), subs, pg_collection=pgs)
         raise SystemExit("another activation must be refused")
     except ConfigError as e:
-        assert "kernels=reference" in str(e)
+        assert "model.impl=reference" in str(e)
     print("experts ok", float(outs[0].abs().max()))
 """)
 
@@ -126,8 +126,7 @@ def test_fused_spec_swaps_attention_and_experts_only():
     from gptoss_nemo.model.megatron_config import to_transformer_config
     from gptoss_nemo.model.presets import tiny
 
-    specs = {k: layer_spec(to_transformer_config(tiny(), local_kernels=k), use_te=False)
-             for k in ("reference", "fused")}
+    specs = {k: layer_spec(to_transformer_config(tiny(), impl=k)) for k in ("reference", "fused")}
     attn = {k: s.submodules.self_attention.submodules.core_attention for k, s in specs.items()}
     experts = {k: s.submodules.mlp.keywords["submodules"].experts for k, s in specs.items()}
     assert attn == {"reference": DotProductAttention, "fused": FlexSinkAttention}
@@ -137,30 +136,38 @@ def test_fused_spec_swaps_attention_and_experts_only():
     assert issubclass(GroupedGemmExperts, SequentialMLP)
 
 
-def test_unknown_kernels_are_refused():
-    from gptoss_nemo.config.sft import TrainConfig
+def test_unknown_implementations_are_refused():
+    from gptoss_nemo.config.sft import ModelConfig
     from gptoss_nemo.errors import ConfigError
     from gptoss_nemo.model.megatron_config import to_transformer_config
     from gptoss_nemo.model.presets import tiny
 
-    with pytest.raises(ConfigError, match="train.kernels='flash'; allowed: reference, fused"):
-        TrainConfig(kernels="flash")
-    with pytest.raises(ConfigError, match="kernels='te'"):
-        to_transformer_config(tiny(), local_kernels="te")
+    with pytest.raises(ConfigError, match="model.impl='flash'; use one of auto, fused, te, reference"):
+        ModelConfig(impl="flash")
+    with pytest.raises(ConfigError, match="impl='local'"):
+        to_transformer_config(tiny(), impl="local")
 
 
-def test_training_step_hands_document_ids_only_to_the_fused_kernels():
-    from types import SimpleNamespace
+def test_training_step_hands_each_implementation_its_documents():
+    """fused: DocumentIds; te: the micro-batch as one THD sequence with a segment per document (padding one
+    segment per sequence, every sequence start a boundary); reference: nothing (causal)."""
+    from gptoss_nemo.train.step import document_segments, model_inputs
 
-    from gptoss_nemo.train.step import attention_mask
-
-    pos = torch.tensor([[0, 1, 0, 1, 2]])
-    fused = torch.nn.Module()
-    fused.config = SimpleNamespace(local_kernels="fused")
-    reference = torch.nn.Module()
-    reference.config = SimpleNamespace(local_kernels="reference")
-    assert attention_mask(reference, pos) is None
-    assert attention_mask(fused, pos).ids.tolist() == [[1, 1, 2, 2, 2]]
+    pos = torch.tensor([[0, 1, 0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 0, 1, 2, 3, 0]])
+    batch = {"tokens": torch.arange(24).view(3, 8), "position_ids": pos}
+    assert document_segments(pos).tolist() == [0, 2, 5, 8, 16, 19, 23, 24]
+    assert document_segments(pos).dtype == torch.int32
+    same, docs = model_inputs("reference", batch, "cpu")
+    assert torch.equal(same["tokens"], batch["tokens"]) and docs == {"attention_mask": None}
+    _, docs = model_inputs("fused", batch, "cpu")
+    assert docs["attention_mask"].ids.tolist()[0] == [1, 1, 2, 2, 2, 3, 4, 5]
+    same, docs = model_inputs("te", batch, "cpu")  # unpacked data: TE's attention takes the sequences as they are
+    assert same["tokens"].shape == (3, 8) and docs == {"attention_mask": None}
+    flat, docs = model_inputs("te", batch, "cpu", thd=True)
+    packed = docs["packed_seq_params"]
+    assert flat["tokens"].shape == flat["position_ids"].shape == (1, 24) and docs["attention_mask"] is None
+    assert packed.qkv_format == "thd" and packed.max_seqlen_q == packed.max_seqlen_kv == 8
+    assert packed.cu_seqlens_q.tolist() == [0, 2, 5, 8, 16, 19, 23, 24]
 
 
 def test_bf16_cross_entropy_matches_torch_in_fp32():

@@ -11,6 +11,7 @@ from gptoss_nemo.cli import main
 from gptoss_nemo.config.load import load_recipe
 from gptoss_nemo.config.pipeline import PipelineRecipe
 from gptoss_nemo.errors import ConfigError, DataError
+from gptoss_nemo.model.impl import resolve_impl
 from gptoss_nemo.model.presets import preset
 from gptoss_nemo.plan.memory import GIB, estimate
 
@@ -23,10 +24,13 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 def test_shipped_recipes_validate_and_fit(name, model, gpu_gib):
     r = load_recipe(PipelineRecipe, RECIPES / f"{name}.yaml")
     cfg, world = preset(model), r.cluster.world_size
+    impl = resolve_impl(r.model.impl, layout=r.parallel, training=True, here=False)  # as the job's container will
+    assert impl.name == ("te" if r.parallel.tp > 1 else "fused"), impl
     for stage in (r.sft_recipe(), r.qat_recipe()):
-        stage.check_layout(cfg, world, te=True)
+        stage.check_layout(cfg, world, te=impl.te)
     for stage, qat in ((r.sft, False), (r.qat, True)):  # QAT holds the fake-quantized experts too
-        mem, _ = estimate(cfg, r.parallel, world, r.data.seq_length, stage.train.micro_batch_size, te=True, qat=qat)
+        mem, _ = estimate(cfg, r.parallel, world, r.data.seq_length, stage.train.micro_batch_size, impl=impl.name,
+                          qat=qat)
         assert mem.total <= gpu_gib * GIB, mem.gib()
     assert r.cluster.container_image and r.export == ["mxfp4"] and r.qat.quant.format == "mxfp4"
 
@@ -82,9 +86,9 @@ def test_dry_run_plans_without_writing(tmp_path, capsys):
     from gptoss_nemo.pipeline.run import dry_run  # the training data left to the stages that read it
 
     r = load_recipe(PipelineRecipe, RECIPES / "tiny.yaml", [f"run_dir={run}", "data.train=[missing.jsonl]"])
-    assert "data" not in dry_run(r, use_te=False, data=False)
+    assert "data" not in dry_run(r, data=False)
     with pytest.raises(DataError, match="missing.jsonl: no such data file"):
-        dry_run(r, use_te=False)
+        dry_run(r)
     assert main(["pipeline", str(RECIPES / "tiny.yaml"), f"run_dir={run}", "parallel.ep=3", "--dry-run",
                  "--local-spec"]) == 2
     assert "ep=3" in capsys.readouterr().err

@@ -47,9 +47,9 @@ def test_local_attention_pays_for_the_score_matrix():
     ones a stacked copy of the expert weights and 2 more bytes per logit instead; the optimizer's temporary does
     not add to activations."""
     cfg = gpt_oss_20b()
-    te, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, te=True)
-    local, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, te=False)
-    fused, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, te=False, fused=True)
+    te, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, impl="te")
+    local, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, impl="reference")
+    fused, _ = estimate(cfg, ParallelLayout(), 1, seq_length=4096, micro_batch=1, impl="fused")
     scores = cfg.num_attention_heads * 4096**2
     assert local.activations - te.activations == (cfg.num_hidden_layers * 4 + 8) * scores
     from gptoss_nemo.model.param_count import count_parameters

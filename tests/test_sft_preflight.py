@@ -38,7 +38,7 @@ def test_prepare_packs_the_synthetic_task(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     recipe = load_recipe(SFTRecipe, RECIPE, [f"checkpoint={ckpt}", "data.train=[synthetic:arithmetic:400]",
                                              "parallel.ep=2", "train.tensorboard=false", "train.plots=false"])
-    p = prepare(recipe, use_te=False)
+    p = prepare(recipe)
     assert p.world == 2 and p.dp == 2
     assert p.data_stats["lines"] == 400 and p.data_stats["bad"] == 0
     assert p.data_stats["kept"] == 400 and p.valid and p.train

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from gptoss_nemo.errors import ConfigError
 
+# Keys that moved, by (dataclass, old field): where they went.
+MOVED = {("TrainConfig", "kernels"): "model.impl (fused | te | reference | auto), one setting for every stage"}
+
 
 def load_recipe(cls, path: str | Path, overrides: list[str] = ()):
     """`cls` filled from the YAML at `path` with `overrides` ("a.b=c") applied on top."""
@@ -41,6 +44,8 @@ def build(cls, data, where: str = "", _path: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
+        if (cls.__name__, key) in MOVED:
+            raise ConfigError(f"{where}{_path}{key} was replaced by {MOVED[cls.__name__, key]}")
         if key not in fields:
             raise ConfigError(f"{where}{_path}{key} is not a field of {cls.__name__} (fields: {', '.join(fields)})")
     kwargs = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gptoss_nemo.config.cluster import ClusterConfig
 from gptoss_nemo.config.qat import QATRecipe, QuantConfig
-from gptoss_nemo.config.sft import OptimizerConfig, SFTRecipe, TrainConfig
+from gptoss_nemo.config.sft import ModelConfig, OptimizerConfig, SFTRecipe, TrainConfig
 from gptoss_nemo.data.dataset import DataConfig
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.megatron_config import RouterConfig
@@ -38,12 +38,15 @@ def is_pipeline_recipe(path: str | Path) -> bool:
 
 
 @dataclass(kw_only=True, slots=True)
-class ModelSource:
+class ModelSource(ModelConfig):
+    """Where the model comes from, and (ModelConfig) which implementation runs it in every stage."""
+
     hf: str | None = None  # a Hugging Face gpt-oss checkpoint directory (openai/gpt-oss-20b as downloaded)
     make_tiny: bool = False  # instead: write the seeded tiny gpt-oss into RUN/hf-tiny (quickstart, tests)
     tiny_seed: int = 1234
 
     def __post_init__(self):
+        ModelConfig.__post_init__(self)
         if bool(self.hf) == self.make_tiny:
             raise ConfigError("model: set exactly one of model.hf (a Hugging Face gpt-oss checkpoint directory) and "
                               "model.make_tiny=true (the seeded tiny model)")
@@ -115,8 +118,12 @@ class PipelineRecipe:
     def hf_dir(self) -> Path:
         return self.root / "hf-tiny" if self.model.make_tiny else Path(self.model.hf)
 
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(impl=self.model.impl)
+
     def sft_recipe(self) -> SFTRecipe:
-        return SFTRecipe(checkpoint=str(self.root / "import"), data=self.data, parallel=self.parallel,
+        return SFTRecipe(checkpoint=str(self.root / "import"), data=self.data, model=self.model_config(),
+                         parallel=self.parallel,
                          router=self.router, optimizer=self.sft.optimizer,
                          train=dataclasses.replace(self.sft.train, out_dir=str(self.root / "sft")),
                          cluster=self.cluster)
@@ -126,7 +133,8 @@ class PipelineRecipe:
 
     def qat_recipe(self, stage: str = "qat") -> QATRecipe:
         """QAT (or, stage="ptq", PTQ: same quantization, RUN/ptq) of the SFT stage's last checkpoint."""
-        return QATRecipe(checkpoint=str(self.sft_final()), data=self.data, parallel=self.parallel,
+        return QATRecipe(checkpoint=str(self.sft_final()), data=self.data, model=self.model_config(),
+                         parallel=self.parallel,
                          router=self.router, quant=self.qat.quant, optimizer=self.qat.optimizer,
                          train=dataclasses.replace(self.qat.train, out_dir=str(self.root / stage)),
                          cluster=self.cluster)

@@ -7,8 +7,21 @@ from dataclasses import dataclass, field
 from gptoss_nemo.config.cluster import ClusterConfig
 from gptoss_nemo.data.dataset import DataConfig
 from gptoss_nemo.errors import ConfigError
-from gptoss_nemo.model.megatron_config import KERNELS, RouterConfig
+from gptoss_nemo.model.impl import CHOICES
+from gptoss_nemo.model.megatron_config import RouterConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    impl: str = "auto"
+    """Which implementation runs the model (model/impl.py): fused (megatron's local spec with the fused kernels),
+    te (Transformer Engine's spec), reference (megatron's local reference modules), or auto: fused, and te where
+    training needs tensor parallelism. Checkpoints load under any of them. `--local-spec` turns te/auto into fused."""
+
+    def __post_init__(self):
+        if self.impl not in CHOICES:
+            raise ConfigError(f"model.impl={self.impl!r}; use one of {', '.join(CHOICES)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,17 +59,11 @@ class TrainConfig:
     wandb_project: str | None = None
     plots: bool = True  # loss curves and expert-load heatmap (PNG) at the end of the run
     deterministic: bool = False  # deterministic kernels (slower): resumed and uninterrupted runs match bitwise
-    kernels: str = "reference"
-    """megatron's local spec (no Transformer Engine): "reference" (megatron's DotProductAttention and SequentialMLP)
-    or "fused" (flex attention with sinks that keeps packed documents apart, grouped-GEMM experts; the faster
-    path). Both have the same parameters and checkpoints. Ignored with Transformer Engine, which has its own."""
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.kernels not in KERNELS:
-            raise ConfigError(f"train.kernels={self.kernels!r}; allowed: {', '.join(KERNELS)}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
@@ -74,6 +81,7 @@ def check_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, wo
 class SFTRecipe:
     checkpoint: str  # a gptoss-nemo checkpoint (gptoss-nemo import) to start from
     data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     router: RouterConfig = field(default_factory=RouterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -25,7 +25,7 @@ from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
 from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
 from gptoss_nemo.convert.to_nvfp4 import quantization_configs, to_nvfp4
 from gptoss_nemo.errors import ConfigError
-from gptoss_nemo.model.build import resolve_use_te
+from gptoss_nemo.model.impl import ModelImpl, resolve_impl
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import all_coords, current_coords
@@ -86,7 +86,7 @@ def export_hf(
 
 
 def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *, fmt: str = "bf16",
-               overwrite: bool = False, use_te: bool | None = None) -> Path:
+               overwrite: bool = False, impl: str | ModelImpl = "auto") -> Path:
     """`gptoss-nemo export --format bf16|mxfp4|nvfp4`: a gptoss-nemo checkpoint -> HF, spread over `layout`."""
     from gptoss_nemo.convert.dist_checkpoint import (
         HF_SUBDIR,
@@ -99,10 +99,11 @@ def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout
 
     cfg, meta = read_dist_checkpoint_config(ckpt_dir)
     check_format(quant_format(meta), fmt, ckpt_dir)
-    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
+    impl = resolve_impl(impl, layout=layout)
+    layout.validate(cfg, env_world_size(), te=impl.te, training=False)
     check_target(out_dir, overwrite)
     init_distributed(layout)
-    model = build_rank_model(cfg, layout, use_te=use_te)
+    model = build_rank_model(cfg, layout, impl=impl)
     load_dist_checkpoint(model, ckpt_dir)
     return export_hf(model, cfg, layout, out_dir, fmt=fmt, side_files_from=Path(ckpt_dir) / HF_SUBDIR,
                      overwrite=overwrite)

@@ -14,18 +14,19 @@ from gptoss_nemo.checkpoint.writer import check_target
 from gptoss_nemo.convert.dist_checkpoint import save_dist_checkpoint
 from gptoss_nemo.convert.hf_reader import HFReader
 from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
-from gptoss_nemo.model.build import resolve_use_te
+from gptoss_nemo.model.impl import ModelImpl, resolve_impl
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import env_world_size
 
 
 def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, *, overwrite: bool = False,
-               use_te: bool | None = None) -> dict:
+               impl: str | ModelImpl = "auto") -> dict:
     """Returns (on every rank) a summary with the expert bytes each rank read."""
     hf_dir = Path(hf_dir)
     reader = HFReader(hf_dir)  # validates config and every tensor header; reads no tensor data yet
     cfg = reader.cfg
-    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
+    impl = resolve_impl(impl, layout=layout)
+    layout.validate(cfg, env_world_size(), te=impl.te, training=False)
     check_target(out_dir, overwrite)
 
     import torch.distributed as dist
@@ -34,7 +35,7 @@ def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, 
     from gptoss_nemo.parallel.setup import init_distributed
 
     me = init_distributed(layout)
-    model = build_rank_model(cfg, layout, use_te=use_te)
+    model = build_rank_model(cfg, layout, impl=impl)
     state = iter_rank_state(reader, layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp,
                             te=bool(model.config.moe_grouped_gemm))
     load_rank_state(model, state, where=f"import {hf_dir}")

@@ -4,14 +4,14 @@ A sequence holds whole conversations ("documents") back to back, then padding. F
     tokens[j]      the input token
     labels[j]      tokens[j + 1], the target
     loss_mask[j]   1 when tokens[j + 1] is a loss token of the same document; never across a boundary
-    position_ids   restart at 0 in every document (RoPE sees each conversation from its start)
-    cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total], the input of Transformer Engine's
-                   packed-sequence (THD) attention, which keeps documents apart.
-With the fused local kernels (train.kernels=fused) attention keeps the documents apart: the training step hands the
-model DocumentIds built from the position ids (model/flex_attention.py). On the other paths (megatron's reference
-local attention; TE, whose THD attention would take cu_seqlens, not wired yet) tokens of a packed sequence attend to
-earlier documents of the same sequence; the loss and the positions never cross a boundary there either. Train with
-data.packing=false, or kernels=fused, when that matters.
+    position_ids   restart at 0 in every document, 0 on padding: where the documents begin
+    cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total]
+Attention keeps the documents apart under model.impl=fused (DocumentIds from the position ids, flex attention) and
+model.impl=te (each micro-batch as one THD sequence with cu_seqlens from the position ids, cuDNN attention with
+sinks; train/step.py). Rotary embeddings are relative, so a document attended alone sees the same thing wherever it
+sits in the sequence. Under model.impl=reference (megatron's own attention, the baseline) a token also attends to
+earlier documents of its sequence; the loss and its targets never cross a boundary there either: use
+data.packing=false with it where that matters.
 
 Packing is first-fit over the open sequences, in the (seeded, shuffled) order given: deterministic.
 """

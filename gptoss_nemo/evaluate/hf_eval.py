@@ -49,7 +49,7 @@ def check_records(sources: list[str], samples: int) -> list[tuple[str, dict, obj
 
 
 @contextmanager
-def hf_view(ckpt: str | Path, use_te: bool | None = None) -> Iterator[Path]:
+def hf_view(ckpt: str | Path, impl: str = "auto") -> Iterator[Path]:
     """A Hugging Face checkpoint as it is; a gptoss-nemo checkpoint exported (BF16, fake-quant experts) into a
     temporary directory for the duration."""
     from gptoss_nemo.convert.dist_checkpoint import META_FILE, quant_format, read_dist_checkpoint_config
@@ -69,7 +69,7 @@ def hf_view(ckpt: str | Path, use_te: bool | None = None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="gptoss-nemo-eval-") as tmp:
         env = dict(os.environ)
         try:
-            out = run_export(ckpt, Path(tmp) / "hf", ParallelLayout(), fmt="bf16", use_te=use_te)
+            out = run_export(ckpt, Path(tmp) / "hf", ParallelLayout(), fmt="bf16", impl=impl)
         finally:
             shutdown()
             os.environ.clear()  # a fresh rendezvous (port) for the next export in this process
@@ -95,11 +95,11 @@ def load_model(ckpt: Path, device: str):
 
 def evaluate(ckpt: str | Path, sources: list[str], checker: str, *, samples: int = 64, max_new_tokens: int = 128,
              opts: RenderOptions = RenderOptions(), device: str | None = None, show: int = 3,
-             use_te: bool | None = None) -> dict:
+             impl: str = "auto") -> dict:
     check = get_checker(checker)
     records = check_records(sources, samples)  # bad input fails before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with hf_view(ckpt, use_te) as hf:
+    with hf_view(ckpt, impl) as hf:
         model, tokenizer = load_model(hf, device)
     loss_sum, loss_tokens, passed, examples = 0.0, 0, 0, []
     for where, record, conv in records:

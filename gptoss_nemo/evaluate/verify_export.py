@@ -68,7 +68,7 @@ def sequences(out_dir: str | Path, data: list[str], samples: int, seq_length: in
 
 
 def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[str], samples: int = 8,
-                  seq_length: int = 512, use_te: bool | None = None, floor: bool = True,
+                  seq_length: int = 512, impl: str = "auto", floor: bool = True,
                   router_dtype: str = "fp32") -> dict | None:
     """Collective. Rank 0 returns the comparison; other ranks None."""
     import torch.distributed as dist
@@ -77,16 +77,18 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
     from gptoss_nemo.convert.megatron_to_hf import fetch_to_rank0
     from gptoss_nemo.evaluate.logits import megatron_logits
-    from gptoss_nemo.model.build import build_rank_model, resolve_use_te
+    from gptoss_nemo.model.build import build_rank_model
+    from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.parallel.setup import env_world_size, init_distributed
 
     _, cfg = check_pair(out_dir, ckpt)
     if seq_length > cfg.max_position_embeddings:
         raise CheckpointError(f"--seq-length {seq_length} exceeds the model's {cfg.max_position_embeddings} positions")
     ids = sequences(out_dir, data, samples, seq_length)
-    layout.validate(cfg, env_world_size(), te=resolve_use_te(use_te), training=False)
+    impl = resolve_impl(impl, layout=layout)
+    layout.validate(cfg, env_world_size(), te=impl.te, training=False)
     init_distributed(layout)
-    model = build_rank_model(cfg, layout, use_te=use_te, parallel_output=False,
+    model = build_rank_model(cfg, layout, impl=impl, parallel_output=False,
                              moe_router_dtype=ROUTER_DTYPES[router_dtype])
     load_dist_checkpoint(model, ckpt)
     last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and \
@@ -107,7 +109,7 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
     result = None
     if dist.get_rank() == 0:
         result = _against_transformers(out_dir, ids, torch.cat(ours), floor)
-        result.update({"export": str(out_dir), "checkpoint": str(ckpt), "sequences": len(ids),
+        result.update({"export": str(out_dir), "checkpoint": str(ckpt), "impl": impl.name, "sequences": len(ids),
                        "seq_length": seq_length, "router_dtype": router_dtype})
     dist.barrier()
     return result

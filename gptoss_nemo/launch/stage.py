@@ -23,7 +23,12 @@ from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script, submit_chain
 STAGES = {"sft": SFTRecipe, "qat": QATRecipe, "ptq": QATRecipe, "pipeline": PipelineRecipe}
 
 
-def check_allocation(recipe, world: int, te: bool) -> None:
+def check_allocation(recipe, world: int) -> None:
+    """The recipe's layout against the allocation, for the implementation the job will run (model/impl.py,
+    resolved for the job's container, not this login node)."""
+    from gptoss_nemo.model.impl import resolve_impl
+
+    te = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True, here=False).te
     if isinstance(recipe, PipelineRecipe):
         from gptoss_nemo.pipeline.run import hf_config
 
@@ -55,19 +60,23 @@ def check_visible(recipe: SFTRecipe, workdir: Path) -> None:
                               f"): add a cluster.container_mounts entry host_path:container_path for it")
 
 
-def stage_argv(stage: str, recipe_path: str | Path, overrides: list[str], *, dry_run: bool, local_spec: bool) -> list:
-    """`gptoss_nemo STAGE ...` arguments with the recipe path made absolute (jobs may start elsewhere)."""
+def stage_argv(stage: str, recipe_path: str | Path, overrides: list[str], *, dry_run: bool, impl: str) -> list:
+    """`gptoss_nemo STAGE ...` arguments with the recipe path made absolute (jobs may start elsewhere) and the
+    implementation asked for (the job resolves it in its own container)."""
     return [stage, str(Path(recipe_path).absolute()), *overrides, *(["--dry-run"] if dry_run else []),
-            *(["--local-spec"] if local_spec else [])]
+            "--impl", impl]
 
 
 def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry_run: bool = False,
-           local_spec: bool = False) -> None:
+           impl: str | None = None, local_spec: bool = False) -> None:
+    from gptoss_nemo.model.impl import with_local_spec
+
     recipe = load_recipe(STAGES[stage], recipe_path, overrides)
+    recipe.model.impl = with_local_spec(impl or recipe.model.impl, local_spec)
     cluster = recipe.cluster
-    check_allocation(recipe, cluster.world_size, te=not local_spec)
+    check_allocation(recipe, cluster.world_size)
     check_visible(recipe, Path.cwd())
-    argv = stage_argv(stage, recipe_path, overrides, dry_run=dry_run, local_spec=local_spec)
+    argv = stage_argv(stage, recipe_path, overrides, dry_run=dry_run, impl=recipe.model.impl)
     if mode == "local":
         if cluster.nodes != 1:
             raise ConfigError(f"--local runs on one node; the recipe asks for cluster.nodes={cluster.nodes} "

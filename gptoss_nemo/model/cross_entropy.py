@@ -31,7 +31,7 @@ def language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Ten
 def use_for(model) -> bool:
     """Give a GPTModel stage this loss when it runs the fused kernels with TP 1; returns whether it did."""
     config = model.config
-    if config.local_kernels != "fused" or config.tensor_model_parallel_size != 1:
+    if config.impl != "fused" or config.tensor_model_parallel_size != 1:
         return False
     model.compute_language_model_loss = language_model_loss  # an instance attribute: GPTModel reads it per call
     return True

@@ -1,6 +1,6 @@
 """gpt-oss core attention on PyTorch flex attention: the fused path without Transformer Engine.
 
-It stands in for megatron's `DotProductAttention` in the local spec (`model/build.py`, kernels="fused") and keeps
+It stands in for megatron's `DotProductAttention` in the local spec (`model/build.py`, model.impl=fused) and keeps
 its interface, its parameter (`softmax_offset`, the per-head sink, sharded over tensor-parallel ranks like the
 heads) and so its checkpoint keys. megatron's local attention builds the [b, heads, s, s] score matrix in memory;
 flex attention generates one fused kernel per mask and never materialises it.
@@ -112,13 +112,13 @@ class FlexSinkAttention(DotProductAttention):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ConfigError(f"attention_dropout={dropout}: the fused gpt-oss attention has no dropout (gpt-oss "
-                              "trains with 0); use kernels=reference for attention dropout")
+                              "trains with 0); use model.impl=reference for attention dropout")
         if config.apply_query_key_layer_scaling:  # megatron folds 1/layer into the scale and undoes it in its softmax
             raise ConfigError("apply_query_key_layer_scaling is not supported by the fused attention (gpt-oss does "
-                              "not use it); use kernels=reference")
+                              "not use it); use model.impl=reference")
         if config.recompute_granularity is not None:  # checkpointing saves attention_mask with save_for_backward
             raise ConfigError("activation recomputation passes the attention mask through torch's checkpoint, which "
-                              "takes tensors only, not the fused attention's DocumentIds; use kernels=reference")
+                              "takes tensors only, not the fused attention's DocumentIds; use model.impl=reference")
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=dropout,
                          softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         window = self.scale_mask_softmax.window_size

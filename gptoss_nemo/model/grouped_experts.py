@@ -11,7 +11,7 @@ Tokens arrive permuted (grouped by local expert, megatron's dispatcher order) wi
 `repeat_interleave(..., output_size=T)`, so nothing here waits for the host. On Hopper and later the BF16 path is
 CUTLASS's grouped GEMM; elsewhere (and on the CPU) torch's fallback loops over the groups.
 
-`GroupedGemmExperts` is the megatron experts module built on it (the local spec's experts with kernels="fused",
+`GroupedGemmExperts` is the megatron experts module built on it (the local spec's experts with model.impl=fused,
 model/build.py). It is megatron's `SequentialMLP` with another forward: the same per-expert `linear_fc1` /
 `linear_fc2` submodules, so the same parameter names, checkpoint keys (dist checkpoints move freely between the two)
 and, under ModelOpt, the same per-expert weight quantizers, which the forward applies to each expert's weight before
@@ -130,7 +130,7 @@ class GroupedGemmExperts(SequentialMLP):
         if (config.activation_func is not quick_gelu or config.glu_linear_offset != 1.0
                 or config.activation_func_clamp_value is None):
             raise ConfigError("grouped-GEMM experts compute gpt-oss's activation (quick_gelu, glu_linear_offset 1, a "
-                              "clamp); this config asks for another: use kernels=reference")
+                              "clamp); this config asks for another: use model.impl=reference")
         self.limit = float(config.activation_func_clamp_value)
         self._cache: dict | None = None  # see expert_weight_cache
 

@@ -28,9 +28,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from gptoss_nemo.errors import ConfigError
 from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.impl import IMPLS
 
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
-KERNELS = ("reference", "fused")
 
 
 @dataclass(kw_only=True)
@@ -44,14 +44,17 @@ class GptOssTransformerConfig(TransformerConfig):
     yarn_mscale: float | None = None
     yarn_mscale_all_dim: float | None = None
     yarn_correction_range_round_to_int: bool = False
-    local_kernels: Literal["reference", "fused"] = "reference"
-    """megatron's local spec only: "reference" runs megatron's DotProductAttention and SequentialMLP; "fused" runs
-    flex attention with sinks (model/flex_attention.py) and grouped-GEMM experts (model/grouped_experts.py)."""
+    impl: Literal["fused", "te", "reference"] = "reference"
+    """Which implementation builds the layers (model/impl.py): megatron's local spec with the fused kernels
+    (flex attention with sinks, grouped-GEMM experts) or with megatron's reference modules, or TE's spec."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.local_kernels not in KERNELS:
-            raise ConfigError(f"kernels={self.local_kernels!r}; allowed: {', '.join(KERNELS)}")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"impl={self.impl!r}; allowed: {', '.join(IMPLS)}")
+        if self.moe_grouped_gemm != (self.impl == "te"):
+            raise ConfigError(f"impl={self.impl} with moe_grouped_gemm={self.moe_grouped_gemm}: TE's spec runs "
+                              "grouped-GEMM experts, the local spec its own (model/build.py)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,7 +87,7 @@ def to_transformer_config(
     hf: GptOssConfig,
     router: RouterConfig | None = None,
     *,
-    use_te: bool = False,
+    impl: str = "reference",
     params_dtype: torch.dtype = torch.bfloat16,
     **overrides,
 ) -> GptOssTransformerConfig:
@@ -132,7 +135,8 @@ def to_transformer_config(
         moe_aux_loss_coeff=router.aux_loss_coeff,
         moe_z_loss_coeff=router.z_loss_coeff,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=use_te,
+        impl=impl,
+        moe_grouped_gemm=impl == "te",
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,  # what pipeline stages send each other

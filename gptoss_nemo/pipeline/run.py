@@ -61,30 +61,32 @@ def hf_config(recipe: PipelineRecipe):
     return check_checkpoint(recipe.hf_dir)
 
 
-def dry_run(recipe: PipelineRecipe, use_te: bool | None = None, data: bool = True) -> dict:
+def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     """Every check that needs no GPU, and the plan. data=False leaves out reading and tokenizing the training
-    data (the SFT / PTQ / QAT stages check it themselves before their GPU work)."""
+    data (the SFT / PTQ / QAT stages check it themselves before their GPU work). The implementation is resolved
+    here once (model/impl.py); `recipe.model.impl` then names it for every stage."""
     from transformers import AutoTokenizer
 
     from gptoss_nemo.data.dataset import build_datasets
     from gptoss_nemo.evaluate.hf_eval import check_records
-    from gptoss_nemo.model.build import resolve_use_te
+    from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.parallel.setup import env_world_size
     from gptoss_nemo.plan.memory import estimate
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD, save_tokenizer
 
-    cfg, world, te = hf_config(recipe), env_world_size(), resolve_use_te(use_te)
+    cfg, world = hf_config(recipe), env_world_size()
+    impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
+    recipe.model.impl = impl.name
     sft = recipe.sft_recipe()
-    dp = sft.check_layout(cfg, world, te=te)
+    dp = sft.check_layout(cfg, world, te=impl.te)
     if recipe.qat.enabled:
-        recipe.qat_recipe().check_layout(cfg, world, te=te)
+        recipe.qat_recipe().check_layout(cfg, world, te=impl.te)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train
-    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, te=te,
-                          fused=t.kernels == "fused")
+    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, impl=impl.name)
     plan = {"run_dir": str(recipe.root), "world_size": world, "data_parallel": dp, "layout": asdict(recipe.parallel),
             "stages": status(recipe), "tokens_per_step": t.global_batch_size * recipe.data.seq_length,
-            "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "transformer_engine": te}
+            "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "impl": {"name": impl.name, "why": impl.why}}
     if data:
         with tempfile.TemporaryDirectory() as tmp:
             tok_dir = recipe.hf_dir
@@ -125,7 +127,7 @@ def _make_tiny(recipe: PipelineRecipe, rank0: bool) -> None:
         time.sleep(1)
 
 
-def run(recipe: PipelineRecipe, use_te: bool | None = None, only: str | None = None) -> dict:
+def run(recipe: PipelineRecipe, only: str | None = None) -> dict:
     """Run the stages that are not done (or only `only`); returns {"stages": status, "eval": rows}."""
     from gptoss_nemo.convert.hf_export import run_export
     from gptoss_nemo.convert.import_hf import run_import
@@ -137,21 +139,22 @@ def run(recipe: PipelineRecipe, use_te: bool | None = None, only: str | None = N
     todo = {s for s, st in status(recipe).items() if st == "to run" and (only is None or s == only)}
     # every input check first, before any GPU time; the training data only when the tiny model or the import would
     # run before the first stage that reads it
-    dry_run(recipe, use_te, data=bool(todo & {"hf", "import"}))
+    dry_run(recipe, data=bool(todo & {"hf", "import"}))  # resolves recipe.model.impl for every stage
+    impl = recipe.model.impl
     root = recipe.root
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str) + "\n")
     steps = {
         "hf": lambda: _make_tiny(recipe, rank0),
-        "import": lambda: run_import(recipe.hf_dir, root / "import", recipe.parallel, use_te=use_te),
-        "sft": lambda: run_sft(recipe.sft_recipe(), use_te=use_te),
-        "ptq": lambda: run_ptq(recipe.qat_recipe("ptq"), use_te=use_te),
-        "qat": lambda: run_sft(recipe.qat_recipe(), use_te=use_te),
+        "import": lambda: run_import(recipe.hf_dir, root / "import", recipe.parallel, impl=impl),
+        "sft": lambda: run_sft(recipe.sft_recipe()),
+        "ptq": lambda: run_ptq(recipe.qat_recipe("ptq")),
+        "qat": lambda: run_sft(recipe.qat_recipe()),
         "export": lambda: [run_export(recipe.qat_final() if recipe.qat.enabled else recipe.sft_final(),
-                                      root / "export" / fmt, recipe.parallel, fmt=fmt, use_te=use_te)
+                                      root / "export" / fmt, recipe.parallel, fmt=fmt, impl=impl)
                            for fmt in recipe.export if not (root / "export" / fmt).exists()],
-        "eval": lambda: _evaluate(recipe, use_te, rank0),
+        "eval": lambda: _evaluate(recipe, rank0),
     }
     stopped = None
     for stage in STAGES:
@@ -179,7 +182,7 @@ def _eval_rows(recipe: PipelineRecipe) -> dict[str, Path]:
     return rows
 
 
-def _evaluate(recipe: PipelineRecipe, use_te: bool | None, rank0: bool) -> None:
+def _evaluate(recipe: PipelineRecipe, rank0: bool) -> None:
     """Every rank exports each gptoss-nemo checkpoint (BF16, fake-quantized weights) to RUN/eval/<row>; rank 0
     scores them with transformers and writes RUN/eval.json."""
     import torch.distributed as dist
@@ -195,7 +198,7 @@ def _evaluate(recipe: PipelineRecipe, use_te: bool | None, rank0: bool) -> None:
             continue
         hf[name] = recipe.root / "eval" / name
         if not hf[name].exists():
-            run_export(ckpt, hf[name], ParallelLayout(), fmt="bf16", use_te=use_te)
+            run_export(ckpt, hf[name], ParallelLayout(), fmt="bf16", impl=recipe.model.impl)
             _between_stages()
     if rank0:
         e = recipe.eval

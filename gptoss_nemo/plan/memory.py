@@ -14,7 +14,7 @@ Activations kept for backward, per micro-batch and layer, BF16, no recomputation
 tokens per rank (sequence parallelism, with TE, divides the T*H terms by TP):
     attention  norm out + QKV out + attention out + o_proj in + residual:  2T(H + (Q + 2K)/TP + 2Q/TP + H)
                + scores and probabilities with megatron's reference local attention: 2 * 2 * b * heads/TP * s^2
-                 (none with TE's fused attention or the fused local kernels, train.kernels=fused)
+                 (none with TE's fused attention or the fused local kernels, model.impl=fused)
     MoE        norm out + router logits (FP32) + k routed copies in, fc1 out (2I), activation (I), fc2 out, unpermuted:
                2TH + 4TE + 2kT(H + 2I + I + H + H)
 While a layer runs, megatron's reference attention also holds its FP32 scores and softmax output (8 bytes per
@@ -84,7 +84,8 @@ class MemoryEstimate:
 
 
 def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_length: int, micro_batch: int,
-                     te: bool, fused: bool = False) -> float:
+                     impl: str) -> float:
+    te, fused = impl == "te", impl == "fused"
     h, d, i, tp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, layout.tp
     q, kv, k = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_experts_per_tok
     t = seq_length * micro_batch
@@ -103,10 +104,10 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
-             te: bool = True, qat: bool = False, fused: bool = False) -> tuple[MemoryEstimate, int]:
-    """(the busiest stage's per-GPU estimate, that stage); layout validity is the caller's check. `fused`: the
-    local spec's fused kernels (train.kernels=fused; ignored with TE)."""
-    fused = fused and not te
+             impl: str = "fused", qat: bool = False) -> tuple[MemoryEstimate, int]:
+    """(the busiest stage's per-GPU estimate, that stage) under implementation `impl` (fused, te, reference);
+    layout validity is the caller's check."""
+    te, fused = impl == "te", impl == "fused"
     dp, edp = world_size // (layout.tp * layout.pp), world_size // (layout.ep * layout.pp)
     best = None
     for stage in range(layout.pp):
@@ -117,7 +118,7 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
             weights=2 * held,
             gradients=4 * held,
             optimizer=12 * shard,
-            activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, te, fused),
+            activations=activation_bytes(cfg, layout, stage, seq_length, micro_batch, impl),
             quantization=2 * p.expert if (qat or fused) else 0.0,
             optimizer_step=0.0 if te else 4 * shard,
         )

@@ -7,7 +7,12 @@ checkpoint, and read back the weights the quantized forward pass computes with.
                     restores it); the quantizers' own state (amax, ...) rides in the model's sharded state dict
                     as `_extra_state`, so it reshards with the weights
     fake_quant      {parameter name: q(w)} of every enabled expert weight quantizer, exactly the tensor the
-                    forward pass uses (ModelOpt's own quantizer, run on the weight)
+                    forward pass uses (ModelOpt's own quantizer, run on the weight; under TE's spec each grouped
+                    expert's own quantizer, `weight_quantizer[i]` for `weight{i}`)
+    shared amax     NVFP4 keeps one per-tensor scale per layer projection (quantize/formats.py). ModelOpt shares it
+                    over SequentialMLP's experts (`sync_expert_weight_amax`) but not over TE's grouped experts,
+                    whose GroupedQuantizer holds one quantizer per expert: `share_grouped_expert_amax` sets each to
+                    the maximum over the layer's experts on every expert-parallel rank, as SequentialMLP gets.
 
 The model is quantized after it has been wrapped for training (Float16Module, DDP), as Megatron-LM's ModelOpt
 examples do: conversion swaps module classes in place, so the parameters the optimizer holds stay the same.
@@ -32,10 +37,43 @@ def quantize(gpt: torch.nn.Module, fmt: str, forward_loop: Callable[[], None] | 
     """Collective. Converts `gpt` in place; `forward_loop()` runs the calibration batches when `fmt` needs them."""
     import modelopt.torch.quantization as mtq
 
+    from gptoss_nemo.compat import apply_modelopt_patches
+
+    apply_modelopt_patches()
     register_with_modelopt()
     loop = (lambda _model: forward_loop()) if FORMATS[fmt].calibrate and forward_loop is not None else None
     if mtq.quantize(gpt, modelopt_config(fmt), loop) is not gpt:
         raise RuntimeError("mtq.quantize returned a new model object; gptoss-nemo expects in-place conversion")
+    if FORMATS[fmt].shared_expert_scale:
+        share_grouped_expert_amax(gpt)
+
+
+def _members(quantizer) -> list:
+    """The quantizers of a GroupedQuantizer (TE's grouped experts, one per expert), or [quantizer]."""
+    from modelopt.torch.quantization.nn import GroupedQuantizer
+
+    return list(quantizer) if isinstance(quantizer, GroupedQuantizer) else [quantizer]
+
+
+@torch.no_grad()
+def share_grouped_expert_amax(gpt: torch.nn.Module) -> int:
+    """Collective over the expert-parallel group: every expert weight quantizer of a GroupedQuantizer takes the
+    maximum amax of its layer projection's experts (all EP ranks). Returns how many quantizers it set."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    done = 0
+    for _, module in expert_weight_quantizers(gpt):
+        members = _members(module.weight_quantizer)
+        if len(members) == 1:
+            continue  # SequentialMLP: ModelOpt's sync_expert_weight_amax did it
+        amax = torch.stack([m.amax.float().max() for m in members]).max()
+        if dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+        for m in members:
+            m.amax = torch.full_like(m.amax, amax.item())
+            done += 1
+    return done
 
 
 def is_quantized(gpt: torch.nn.Module) -> bool:
@@ -59,13 +97,17 @@ def restore(gpt: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Collective: re-create the quantizers a checkpoint was saved with (before its weights are loaded)."""
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
 
+    from gptoss_nemo.compat import apply_modelopt_patches, grouped_amax_buffers
+
     if not (Path(ckpt_dir) / MODELOPT_SUBDIR).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no {MODELOPT_SUBDIR}/, but its metadata says it is quantized")
+    apply_modelopt_patches()
     register_with_modelopt()
     models = [gpt]
     restore_sharded_modelopt_state(models, str(ckpt_dir))
     if models[0] is not gpt or not is_quantized(gpt):
         raise RuntimeError(f"{ckpt_dir}: restoring the ModelOpt state did not quantize the model in place")
+    grouped_amax_buffers(gpt)  # TE's grouped experts: every expert's amax requested from the checkpoint
 
 
 def global_layer(gpt: torch.nn.Module, name: str) -> int:
@@ -87,9 +129,11 @@ def fake_quant(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name: fake-quantized weight} for the quantized expert weights of this stage."""
     out = {}
     for name, module in expert_weight_quantizers(gpt):
+        members = _members(module.weight_quantizer)
         for pname, p in module.named_parameters(recurse=False):
             if _WEIGHT.match(pname):
-                out[f"{name}.{pname}"] = module.weight_quantizer(p)
+                index = int(pname[len("weight"):] or 0)  # TE's weight{i} has its own quantizer; `weight` one
+                out[f"{name}.{pname}"] = members[index if len(members) > 1 else 0](p)
     return out
 
 
@@ -109,18 +153,19 @@ def weight_quantizer(fmt: str, amax: float | None = None) -> torch.nn.Module:
 
 def expert_amax(gpt: torch.nn.Module) -> dict:
     """Collective. {(global layer, "linear_fc1" | "linear_fc2"): (weight amax, input amax or None)} on every
-    rank, from the (expert-shared) quantizers of each layer's first local expert."""
+    rank, from the (expert-shared) quantizers of each layer's first local expert (TE: the max over its grouped experts,
+    which share_grouped_expert_amax made equal)."""
     import torch.distributed as dist
 
     mine = {}
     for name, module in expert_weight_quantizers(gpt):
         layer, proj = global_layer(gpt, name), name.split(".")[-1]
         inq = getattr(module, "input_quantizer", None)
-        amax = module.weight_quantizer.amax
-        if amax is None:
+        amaxes = [m.amax for m in _members(module.weight_quantizer)]
+        if any(a is None for a in amaxes):
             raise RuntimeError(f"{name}: the weight quantizer has no amax (not an NVFP4-quantized checkpoint?)")
         in_amax = float(inq.amax.max()) if inq is not None and inq.is_enabled and inq.amax is not None else None
-        mine.setdefault((layer, proj), (float(amax.max()), in_amax))
+        mine.setdefault((layer, proj), (max(float(a.max()) for a in amaxes), in_amax))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in part.items()}

@@ -88,7 +88,7 @@ def _short(rows: list[dict]) -> str:
                      for r in rows)
 
 
-def run_ptq(recipe: QATRecipe, use_te: bool | None = None) -> dict:
+def run_ptq(recipe: QATRecipe) -> dict:
     """Quantize an SFT checkpoint without training: RUN/checkpoint (a quantized gptoss-nemo checkpoint, which
     `gptoss-nemo export` and `eval` read), RUN/quant_error.json; returns the validation losses."""
     import torch.distributed as dist
@@ -103,13 +103,12 @@ def run_ptq(recipe: QATRecipe, use_te: bool | None = None) -> dict:
     from gptoss_nemo.train.sft import prepare
     from gptoss_nemo.train.step import evaluate
 
-    p = prepare(recipe, use_te)
+    p = prepare(recipe)
     t, seq, out = recipe.train, recipe.data.seq_length, Path(recipe.train.out_dir)
     target = out / "checkpoint"
     check_target(target, overwrite=False)
     me = init_distributed(recipe.parallel, seed=t.seed)
-    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True,
-                           local_kernels=t.kernels)
+    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, impl=p.impl, calculate_per_token_loss=True)
     load_dist_checkpoint(gpt, recipe.checkpoint)
     model = Float16Module(gpt.config, gpt)
     dp_rank = ps.get_data_parallel_rank()

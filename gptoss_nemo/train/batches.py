@@ -25,6 +25,8 @@ class GlobalBatches:
             raise ConfigError("no training sequences")
         self.seqs, self.gbs, self.mbs = sequences, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        # whether some sequence holds several documents (data.packing): TE's attention then runs THD (train/step.py)
+        self.packs_documents = any(s.cu_seqlens.numel() > 2 for s in sequences)
         self._orders: dict[int, list[int]] = {}
 
     @property

@@ -38,19 +38,19 @@ class Prepared:
     cfg: object  # GptOssConfig
     world: int
     dp: int
-    use_te: bool
+    impl: object  # ModelImpl: the implementation that runs (model/impl.py)
     train: list
     valid: list
     data_stats: dict
 
 
-def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
+def prepare(recipe: SFTRecipe) -> Prepared:
     """CPU-only checks and data preparation; raises GptOssNemoError with the fix in the message."""
     from transformers import AutoTokenizer
 
     from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, quant_format, read_dist_checkpoint_config
     from gptoss_nemo.data.dataset import build_datasets
-    from gptoss_nemo.model.build import resolve_use_te
+    from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.parallel.setup import env_world_size
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD
 
@@ -62,8 +62,10 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
             f"{meta['quant'].get('stage')}); "
             "SFT, QAT and PTQ start from a BF16 checkpoint (gptoss-nemo import, or an SFT checkpoint). To continue a "
             "QAT run, run its command again: it resumes from train.out_dir")
-    world, use_te = env_world_size(), resolve_use_te(use_te)
-    dp = recipe.check_layout(cfg, world, te=use_te)
+    world = env_world_size()
+    impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
+    dp = recipe.check_layout(cfg, world, te=impl.te)
+    check_sequence_parallel(recipe, impl)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}")
@@ -81,22 +83,31 @@ def prepare(recipe: SFTRecipe, use_te: bool | None = None) -> Prepared:
     train, valid, stats = build_datasets(recipe.data, tokenizer, HARMONY_SPECIAL_TOKENS[PAD])
     data_stats = {"lines": stats.lines, "bad": stats.bad, **stats.outcomes, "tokens": stats.tokens,
                   "loss_tokens": stats.loss_tokens, "train_sequences": len(train), "valid_sequences": len(valid)}
-    return Prepared(recipe, cfg, world, dp, use_te, train, valid, data_stats)
+    return Prepared(recipe, cfg, world, dp, impl, train, valid, data_stats)
 
 
-def dry_run(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
+def check_sequence_parallel(recipe: SFTRecipe, impl) -> None:
+    """Sequence parallelism (TE's spec with tp > 1, parallel/layout.py) splits every sequence over the TP ranks."""
+    tp = recipe.parallel.tp
+    if impl.te and tp > 1 and recipe.data.seq_length % tp:
+        raise ConfigError(f"data.seq_length={recipe.data.seq_length} is not divisible by parallel.tp={tp}: with "
+                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
+
+
+def dry_run(recipe: SFTRecipe) -> dict:
     """Everything `run_sft` checks before touching a GPU, and the plan it would run: no GPU needed."""
     from gptoss_nemo.plan.memory import estimate
 
-    p = prepare(recipe, use_te)
+    p = prepare(recipe)
     t = recipe.train
-    mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size, te=p.use_te,
-                          fused=t.kernels == "fused")
+    mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size,
+                          impl=p.impl.name)
     return {"checkpoint": recipe.checkpoint, "out_dir": t.out_dir, "world_size": p.world,
             "layout": asdict(recipe.parallel), "data_parallel": p.dp,
             "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
             "tokens_per_step": t.global_batch_size * recipe.data.seq_length, "steps": t.steps, "data": p.data_stats,
-            "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "transformer_engine": p.use_te}
+            "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage,
+            "impl": {"name": p.impl.name, "why": p.impl.why}}
 
 
 def _importable(module: str) -> bool:
@@ -117,12 +128,15 @@ def _restart_logs(out_dir: Path, start: int) -> None:
 
 
 def _deterministic(on: bool) -> None:
+    """Deterministic kernels: cuBLAS's fixed workspace, torch's deterministic algorithms and, under TE, its
+    deterministic attention backward (megatron refuses deterministic_mode with TE otherwise)."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
+def run_sft(recipe: SFTRecipe) -> dict:
     """Train; returns {"resumed_from": step or 0, "stopped": whether a stop request ended it early, "last": the
     last step's metrics} (on every rank)."""
     import torch.distributed as dist
@@ -139,12 +153,12 @@ def run_sft(recipe: SFTRecipe, use_te: bool | None = None) -> dict:
     from gptoss_nemo.train.step import aux_losses, build_training, evaluate, throughput, train_step
     from gptoss_nemo.train.stop import stop_file, stop_requested
 
-    p = prepare(recipe, use_te)
+    p = prepare(recipe)
     t, cfg, seq = recipe.train, p.cfg, recipe.data.seq_length
     _deterministic(t.deterministic)
     me = init_distributed(recipe.parallel, seed=t.seed)
-    gpt = build_rank_model(cfg, recipe.parallel, recipe.router, use_te=p.use_te, calculate_per_token_loss=True,
-                           deterministic_mode=t.deterministic, local_kernels=t.kernels)
+    gpt = build_rank_model(cfg, recipe.parallel, recipe.router, impl=p.impl, calculate_per_token_loss=True,
+                           deterministic_mode=t.deterministic)
     load_dist_checkpoint(gpt, recipe.checkpoint)
     counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
     model, optimizer, scheduler = build_training(recipe, gpt)

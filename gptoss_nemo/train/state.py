@@ -9,7 +9,8 @@ The model and the distributed optimizer's state (FP32 main weights, Adam moments
 model space (`fully_reshardable`: gathered over the data-parallel ranks at save, sliced at load; megatron-core
 0.19 refuses the older `fully_sharded_model_space`), so a checkpoint loads under another TP/EP/PP layout; the RNG
 files are used only when the world size is unchanged. The data position is the step: global batch t is a function
-of (seed, t).
+of (seed, t). The model and optimizer keys are the same under every implementation (convert/checkpoint_keys.py), so
+a run started under TE's spec resumes under the local spec's and the reverse.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_la
                  "scheduler": scheduler.state_dict(), "step": step}
         dist_checkpointing.save(state, str(tmp))
         save_quant_state(model, tmp, extra)
-        write_checkpoint_meta(tmp, cfg, layout=layout, source=source, side_files_from=side_files_from,
-                              extra={"step": step, **(extra or {})})
+        write_checkpoint_meta(tmp, cfg, layout=layout, impl=unwrap(model).config.impl, source=source,
+                              side_files_from=side_files_from, extra={"step": step, **(extra or {})})
         if dist.get_rank() == 0:
             (tmp / "rng").mkdir()
         dist.barrier()
@@ -67,15 +68,17 @@ def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing, tensor_parallel
 
     from gptoss_nemo.compat import fill_empty_optimizer_state, unshare_adamw_steps
+    from gptoss_nemo.convert.checkpoint_keys import checkpoint_entries, load_into, match_checkpoint
 
     path = checkpoint_dirs.step_dir(root, step)
     fill_empty_optimizer_state(optimizer)
     gpt = unwrap(model)
     model_sd = gpt.sharded_state_dict()
+    matched = match_checkpoint(model_sd, checkpoint_entries(path))  # any implementation's checkpoint
     request = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                                  metadata=OPTIMIZER_FORMAT)}
     state = dist_checkpointing.load(request, str(path))
-    gpt.load_state_dict(state["model"], strict=True)
+    load_into(gpt, state["model"], matched, str(path))
     optimizer.load_state_dict(state["optimizer"])
     unshare_adamw_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
@@ -84,7 +87,7 @@ def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
     rng_file = _rng_file(path, dist.get_rank())
     same_world = len(list((Path(path) / "rng").glob("rank_*.pt"))) == dist.get_world_size()
     if same_world and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, weights_only=True)  # tensors and lists only: nothing in a run dir runs code
         torch.set_rng_state(rng["cpu"])
         torch.cuda.set_rng_state(rng["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])

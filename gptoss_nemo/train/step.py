@@ -9,6 +9,11 @@ schedule, the loss reduction and the MoE auxiliary-loss report.
                per-token loss: the LM loss is the mean over every loss token of the global batch, whatever the
                micro-batch and data-parallel split (calculate_per_token_loss; megatron scales the router's aux
                loss gradients to match)
+    documents  packed conversations (data/packing.py) stay apart in attention: the fused local kernels take
+               DocumentIds as the attention mask; TE's spec takes a micro-batch that packs several documents into
+               a sequence as one THD sequence, its documents delimited by cu_seqlens (PackedSeqParams), and one of
+               single documents (data.packing=false) as it is (causal, the padding after each document); megatron's
+               reference modules see one causal sequence (documents attend to earlier ones: the baseline only)
 """
 
 from __future__ import annotations
@@ -35,22 +40,56 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, mask.sum().to(torch.int), {"lm loss": torch.stack([total.detach(), mask.sum()])}
 
 
-def attention_mask(model, position_ids: torch.Tensor):
-    """What the model's attention takes as its mask: with the fused local kernels, the packed documents
-    (DocumentIds from the position ids), which it keeps apart; megatron's reference modules take None (causal)."""
+def impl_of(model) -> str:
     from megatron.core.utils import get_model_config
 
-    if getattr(get_model_config(model), "local_kernels", "reference") != "fused":
-        return None
-    from gptoss_nemo.model.flex_attention import DocumentIds
-
-    return DocumentIds.from_position_ids(position_ids)
+    return getattr(get_model_config(model), "impl", "reference")
 
 
-def forward_step(data_iterator, model):
-    batch = {k: v.cuda(non_blocking=True) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=attention_mask(model, batch["position_ids"]),
-                   labels=batch["labels"])
+def document_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] position ids (restarting at 0 in each document, 0 on padding) -> int32 cu_seqlens of the micro-batch
+    as one sequence of b*s tokens: a segment per document, one for each sequence's padding (two position-0 tokens in
+    a row are padding: every document has at least two tokens, data/packing.py), a boundary at every sequence start."""
+    b, s = position_ids.shape
+    pos = position_ids.reshape(-1)
+    start = pos == 0
+    start[1:] &= pos[:-1] != 0
+    start[::s] = True
+    return torch.cat([start.nonzero().reshape(-1), torch.tensor([b * s])]).to(torch.int32)
+
+
+def thd_params(position_ids: torch.Tensor, device):
+    """TE's packed-sequence (THD) attention parameters for a CPU [b, s] micro-batch of position ids."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = document_segments(position_ids)
+    longest = int((cu[1:] - cu[:-1]).max())
+    cu = cu.to(device, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def model_inputs(impl: str, cpu_batch: dict[str, torch.Tensor], device, thd: bool = False) -> tuple[dict, dict]:
+    """(the micro-batch on `device` as the model takes it, the model's document arguments) for implementation
+    `impl`. TE with packed documents (thd): the micro-batch flattened into one THD sequence [1, b*s] with
+    cu_seqlens; fused: DocumentIds."""
+    thd = thd and impl == "te"
+    if thd:
+        packed = thd_params(cpu_batch["position_ids"], device)
+        cpu_batch = {k: v.reshape(1, -1) for k, v in cpu_batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+    if thd:
+        return batch, {"attention_mask": None, "packed_seq_params": packed}
+    if impl == "fused":
+        from gptoss_nemo.model.flex_attention import DocumentIds
+
+        return batch, {"attention_mask": DocumentIds.from_position_ids(batch["position_ids"])}
+    return batch, {"attention_mask": None}
+
+
+def forward_step(data_iterator, model, thd: bool = False):
+    batch, documents = model_inputs(impl_of(model), next(data_iterator), torch.cuda.current_device(), thd)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], **documents)
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -107,11 +146,14 @@ def run_global_batch(model, batches: GlobalBatches, step: int, seq_length: int, 
 
     from gptoss_nemo.model.grouped_experts import expert_weight_cache
 
+    thd = impl_of(model) == "te" and batches.packs_documents  # decided per run: PP needs one shape throughout
+    # what pipeline stages send each other: [s, b, h], or [b*s, 1, h] for TE's THD micro-batches
+    seq, mbs = (seq_length * batches.mbs, 1) if thd else (seq_length, batches.mbs)
     with expert_weight_cache(model):  # the fused kernels' experts stack / fake-quantize weights once per batch
         reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches.microbatches(step)), model=[model],
-            num_microbatches=batches.num_microbatches, seq_length=seq_length, micro_batch_size=batches.mbs,
-            decoder_seq_length=seq_length, forward_only=forward_only)
+            forward_step_func=partial(forward_step, thd=thd), data_iterator=iter(batches.microbatches(step)), model=[model],
+            num_microbatches=batches.num_microbatches, seq_length=seq, micro_batch_size=mbs,
+            decoder_seq_length=seq, forward_only=forward_only)
     totals = torch.zeros(2, device="cuda")
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for r in reports:

@@ -29,7 +29,7 @@ def megatron_parallel():
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29731")
+    os.environ.setdefault("MASTER_PORT", str(29731 + int(os.environ.get("GPU_TESTS_PORT_OFFSET", "0"))))
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
@@ -52,10 +52,10 @@ def tiny_with_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def imported_tiny(tiny_with_tokenizer, tmp_path_factory):
     """The tiny gpt-oss imported into a gptoss-nemo checkpoint (one GPU, local spec; one process on a free port)."""
-    from launch import run_python
+    from launch import IMPL_ARGS, run_python
 
     out = tmp_path_factory.mktemp("sft") / "tiny-ckpt"
-    run_python("-m", "gptoss_nemo", "import", str(tiny_with_tokenizer), str(out), "--local-spec")
+    run_python("-m", "gptoss_nemo", "import", str(tiny_with_tokenizer), str(out), *IMPL_ARGS)
     return out
 
 

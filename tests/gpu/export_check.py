@@ -4,10 +4,11 @@ through ModelOpt's quantizers), and `verify-export` finds transformers on the ex
 
 from pathlib import Path
 
-from launch import json_line, result, torchrun
+import torch
+from launch import IMPL_ARGS, json_line, result, torchrun
 from parity import as_accurate_as_reference
 
-from gptoss_nemo.checkpoint import mxfp4
+from gptoss_nemo.checkpoint import mxfp4, nvfp4
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 
 
@@ -19,22 +20,40 @@ def check_mxfp4_export(ckpt: Path, out: Path, *, label: str, port: int, nproc: i
     packed_dir = mxfp4_export or out / "mxfp4"
     for i, fmt in enumerate(("bf16",) if mxfp4_export else ("bf16", "mxfp4")):
         torchrun(nproc, "-m", "gptoss_nemo", "export", str(ckpt), str(out / fmt), "--format", fmt, *layout,
-                 "--local-spec", port=port + i, timeout=300)
-    fq, packed = read_tensors(out / "bf16"), read_tensors(packed_dir)
-    total = equal = 0
-    for name in [n for n in fq if n.endswith(("gate_up_proj", "down_proj"))]:
-        deq = mxfp4.dequantize(packed[name + "_blocks"], packed[name + "_scales"]).transpose(-1, -2)
-        total += deq.numel()
-        equal += int((deq == fq[name]).sum())
-    result(f"{label}: MXFP4 export vs fake-quant weights", {"elements": total, "equal": equal})
-    assert total and equal == total
+                 *IMPL_ARGS, port=port + i, timeout=300)
+    exact = fake_quant_exact(packed_dir, out / "bf16", "mxfp4")
+    result(f"{label}: MXFP4 export vs fake-quant weights", exact)
+    assert exact["elements"] and exact["equal"] == exact["elements"]
     r = torchrun(1, "-m", "gptoss_nemo", "verify-export", str(packed_dir), "--against", str(ckpt),
-                 "--data", "synthetic:arithmetic:400:7:1", "--samples", "8", "--local-spec", port=port + 2,
+                 "--data", "synthetic:arithmetic:400:7:1", "--samples", "8", *IMPL_ARGS, port=port + 2,
                  timeout=300)
     verified = json_line(r, "verify_export")
     result(f"{label}: verify-export (MXFP4 export in transformers vs megatron fake quant)", verified)
     assert within_bf16_criterion(verified), verified
     return verified
+
+
+def fake_quant_exact(packed_dir: Path, bf16_dir: Path, fmt: str) -> dict:
+    """How many expert elements of an MXFP4 / NVFP4 export dequantize to exactly the BF16 export's (the
+    fake-quantized weights the checkpoint computes with)."""
+    fq, packed = read_tensors(bf16_dir), read_tensors(packed_dir)
+    total = equal = 0
+    for name in [n for n in fq if n.endswith(("gate_up_proj", "down_proj"))]:
+        if fmt == "mxfp4":
+            deq = mxfp4.dequantize(packed[name + "_blocks"], packed[name + "_scales"]).transpose(-1, -2)
+        else:  # ModelOpt's HF NVFP4 layout: per expert, E2M1 x (E4M3 scale x the projection's FP32 scale)
+            deq = torch.stack([nvfp4.dequantize(packed[name][e].t(), packed[name + "_weight_scale"][e].t(),
+                                                packed[name + "_weight_scale_2"]).t() for e in range(fq[name].shape[0])])
+        total += deq.numel()
+        equal += int((deq == fq[name]).sum())
+    return {"elements": total, "equal": equal}
+
+
+def exported_equal(a: Path, b: Path) -> dict:
+    """Two Hugging Face exports: how many of b's tensors a holds with the same dtype and bits."""
+    ta, tb = read_tensors(a), read_tensors(b)
+    same = sum(k in ta and ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in tb)
+    return {"tensors": len(tb), "identical": same, "extra": sorted(set(ta) - set(tb))[:3]}
 
 
 def within_bf16_criterion(verified: dict) -> bool:

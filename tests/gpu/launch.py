@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 RECIPES = Path(__file__).parents[2] / "recipes"
+IMPL = os.environ.get("GPU_TESTS_IMPL", "fused")  # the implementation the tier runs (model/impl.py): fused|te|reference
+IMPL_ARGS = ["--impl", IMPL]
+EXTRA = os.environ.get("GPU_TESTS_OVERRIDES", "").split()  # a.b=c added to every stage run (e.g. data.packing=false)
 RECIPE = {"sft": RECIPES / "sft_tiny.yaml", "qat": RECIPES / "qat_tiny.yaml", "ptq": RECIPES / "qat_tiny.yaml"}
 
 
@@ -63,12 +66,12 @@ def result(name: str, value) -> None:
     print(f"RESULT {name}: {json.dumps(value)}", flush=True)
 
 
-def stage_args(stage: str, ckpt: Path, out: Path, *overrides: str) -> list[str]:
-    """`python -m gptoss_nemo STAGE recipes/<stage recipe> checkpoint=... train.out_dir=...` on the local spec
+def stage_args(stage: str, ckpt: Path, out: Path, *overrides: str, impl: str = IMPL) -> list[str]:
+    """`python -m gptoss_nemo STAGE recipes/<stage recipe> checkpoint=... train.out_dir=... --impl IMPL`
     (TensorBoard only where it is installed)."""
     tb = "true" if importlib.util.find_spec("tensorboard") else "false"
     return ["-m", "gptoss_nemo", stage, str(RECIPE[stage]), f"checkpoint={ckpt}", f"train.out_dir={out}",
-            f"train.tensorboard={tb}", *overrides, "--local-spec"]
+            f"train.tensorboard={tb}", *overrides, *EXTRA, "--impl", impl]
 
 
 def run_python(*args: str, timeout: int = 150) -> subprocess.CompletedProcess:

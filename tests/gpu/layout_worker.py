@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from launch import IMPL
 from parity import bit_identical, megatron_variants, parity_report, token_ids
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -34,12 +35,13 @@ args = p.parse_args()
 layout = ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp)
 cfg = GptOssConfig.from_file(args.reference)
 me = init_distributed(layout)
-model = build_rank_model(cfg, layout, use_te=False, parallel_output=False)
+model = build_rank_model(cfg, layout, impl=IMPL, parallel_output=False)
 result = {"layout": f"tp{layout.tp} ep{layout.ep} pp{layout.pp}", "world": dist.get_world_size(),
           "source": args.hf or args.dist}
 if args.hf:
     reader = HFReader(args.hf)
-    load_rank_state(model, iter_rank_state(reader, layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp))
+    load_rank_state(model, iter_rank_state(reader, layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp,
+                                                te=IMPL == "te"))
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, reader.expert_bytes_read / reader.expert_bytes_total())
     result["expert_bytes_share_per_rank"] = shares
@@ -49,7 +51,7 @@ else:
 if not args.no_parity:
     ids = token_ids(cfg.vocab_size)
     logits = megatron_variants(
-        model, ids, lambda **kw: build_rank_model(cfg, layout, use_te=False, parallel_output=False, **kw))
+        model, ids, lambda **kw: build_rank_model(cfg, layout, impl=IMPL, parallel_output=False, **kw))
     findings = [None] * dist.get_world_size()
     mine = None
     if logits[0] is not None and me.tp == 0 and me.dp == 0:

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from export_check import check_mxfp4_export
-from launch import RECIPES, json_line, kill_at_random_step, result, run_python, stage_args, torchrun
+from launch import IMPL_ARGS, RECIPES, json_line, kill_at_random_step, result, run_python, stage_args, torchrun
 from parity import parity_failures
 from tiny_ckpt import checkpoint_with_tokenizer
 
@@ -45,7 +45,7 @@ WIDE = dict(layers=int(os.environ.get("GPU_TESTS_WIDE_LAYERS", "2")), hidden=288
 
 def _pipeline(run: Path, hf: Path, *overrides: str, port: int) -> dict:
     r = torchrun(N, "-m", "gptoss_nemo", "pipeline", str(PIPELINE), f"run_dir={run}", "model.make_tiny=false",
-                 f"model.hf={hf}", f"parallel.ep={N}", *overrides, "--local-spec", port=port, timeout=1200)
+                 f"model.hf={hf}", f"parallel.ep={N}", *overrides, *IMPL_ARGS, port=port, timeout=1200)
     summary = json_line(r, "pipeline")
     assert set(summary["stages"].values()) <= {"done", "off"} and summary["stages"]["qat"] == "done", summary
     return summary
@@ -102,22 +102,21 @@ COMMON = ("train.steps=20", "optimizer.warmup_steps=19", "train.eval_every=0", "
 
 def test_deep_sft_resume_and_fused_kernels_under_ep(deep, tmp_path):
     """`gptoss-nemo import` under EPn, then SFT under EPn: the uninterrupted run (reference kernels), the same run
-    SIGKILLed at a random step and started again, and a run with train.kernels=fused."""
+    SIGKILLed at a random step and started again, and a run with model.impl=fused."""
     imported = tmp_path / "import"
-    torchrun(N, "-m", "gptoss_nemo", "import", str(deep[0]), str(imported), "--ep", str(N), "--local-spec",
+    torchrun(N, "-m", "gptoss_nemo", "import", str(deep[0]), str(imported), "--ep", str(N), *IMPL_ARGS,
              port=29930, timeout=300)
     layout = (f"parallel.ep={N}", f"train.micro_batch_size={16 // N}", *COMMON)
-    ref = {x["step"]: x["lm_loss"] for x in read_metrics(_sft(imported, tmp_path / "ref", layout, 29931))
+    ref = {x["step"]: x["lm_loss"] for x in read_metrics(_sft(imported, tmp_path / "ref", layout, 29931, "reference"))
            if x["step"] > 0}
     out = tmp_path / "killed"
-    args = stage_args("sft", imported, out, *layout)
+    args = stage_args("sft", imported, out, *layout, impl="reference")
     kill_at, killed_after = kill_at_random_step(args, out, 7, 18, nproc=N, port=29932)
     expected_start = find_latest(out / "checkpoints")
     start = json_line(torchrun(N, *args, port=29933, timeout=400), "sft")["resumed_from"]
     rows = {x["step"]: x["lm_loss"] for x in read_metrics(out / "metrics.jsonl") if x["step"] > 0}
     diffs = {s: abs(rows[s] - ref[s]) for s in range(start + 1, 21)}
-    fused = {x["step"]: x["lm_loss"] for x in read_metrics(_sft(imported, tmp_path / "fused",
-                                                                (*layout, "train.kernels=fused"), 29934))
+    fused = {x["step"]: x["lm_loss"] for x in read_metrics(_sft(imported, tmp_path / "fused", layout, 29934, "fused"))
              if x["step"] > 0}
     rel = [abs(fused[s] - ref[s]) / ref[s] for s in range(1, 21)]
     result(f"issue 9: SFT EP{N}, 24-layer tiny: SIGKILL + resume, fused vs reference kernels", {
@@ -129,8 +128,8 @@ def test_deep_sft_resume_and_fused_kernels_under_ep(deep, tmp_path):
     assert max(rel) <= 0.01, rel
 
 
-def _sft(ckpt: Path, out: Path, overrides, port: int) -> Path:
-    torchrun(N, *stage_args("sft", ckpt, out, *overrides), port=port, timeout=400)
+def _sft(ckpt: Path, out: Path, overrides, port: int, impl: str) -> Path:
+    torchrun(N, *stage_args("sft", ckpt, out, *overrides, impl=impl), port=port, timeout=400)
     return out / "metrics.jsonl"
 
 
@@ -148,7 +147,7 @@ def test_wide_pipeline_exact_export_and_planner(tmp_path):
     peaks = {stage: max(r["peak_gib"] for r in rows) for stage, rows in steps.items()}
     plan = json.loads(run_python("-m", "gptoss_nemo", "plan", str(PIPELINE), f"run_dir={run}",
                                  "model.make_tiny=false", f"model.hf={hf}", f"parallel.ep={N}", *overrides,
-                                 "--world-size", str(N), "--local-spec").stdout.strip().splitlines()[-1])
+                                 "--world-size", str(N), *IMPL_ARGS).stdout.strip().splitlines()[-1])
     result(f"issue 9: gpt-oss-20b widths, {WIDE['layers']} layers, EP{N}, seq 4096: planner (QAT stage) vs measured "
            "peak (largest rank)", {"planned_gib": plan["per_gpu_gib"], "measured_peak_gib": peaks,
                                    "ratio_qat": plan["per_gpu_gib"]["total"] / peaks["qat"],

@@ -1,4 +1,4 @@
-"""GPU tier for the fused local kernels (train.kernels=fused; issue 8): flex attention with sinks and grouped-GEMM
+"""GPU tier for the fused local kernels (model.impl=fused; issue 8): flex attention with sinks and grouped-GEMM
 experts against megatron's reference modules and against the float64 definition, forward and gradients, in BF16;
 and under ModelOpt MXFP4 QAT (every expert weight goes through its quantizer).
 
@@ -26,7 +26,7 @@ def _gpt20b_attention_config(layers_sliding):
 
     hf = gpt_oss_20b().replace(num_hidden_layers=len(layers_sliding),
                                layer_types=["sliding_attention" if s else "full_attention" for s in layers_sliding])
-    return transformer_config(hf, use_te=False)
+    return transformer_config(hf, None, "reference")
 
 
 @pytest.mark.parametrize("layer_number,sliding", [(1, True), (2, False)])
@@ -114,7 +114,7 @@ def _tiny_pair(kernels_a="reference", kernels_b="fused", dtype=torch.bfloat16):
     for k in (kernels_a, kernels_b):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(1234)
-        tc = transformer_config(hf, RouterConfig(), use_te=False, local_kernels=k, params_dtype=dtype)
+        tc = transformer_config(hf, RouterConfig(), impl=k, params_dtype=dtype)
         models.append(build_model(hf, tc))
     models[1].load_state_dict(models[0].state_dict())
     return hf, models
@@ -135,7 +135,7 @@ def test_fused_model_matches_reference_model(megatron_parallel):
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(1234)
-    truth_model = build_model(hf, transformer_config(hf, RouterConfig(), use_te=False, params_dtype=torch.float32,
+    truth_model = build_model(hf, transformer_config(hf, RouterConfig(), impl="reference", params_dtype=torch.float32,
                                                      bf16=False))
     truth_model.load_state_dict({k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
                                  for k, v in ref.state_dict().items()})
@@ -208,7 +208,7 @@ def test_fused_experts_under_mxfp4_qat(megatron_parallel):
 
 
 def test_fused_sft_follows_reference_sft_and_checkpoints_interchange(imported_tiny, tmp_path):
-    """The SFT stage through the CLI with train.kernels=fused and =reference from the same checkpoint (unpacked
+    """The SFT stage through the CLI with model.impl=fused and =reference from the same checkpoint (unpacked
     sequences, so both attend alike): the losses agree step by step within BF16 noise; the fused run's
     checkpoint loads into megatron's reference modules (the BF16 export builds them)."""
     from launch import stage_args, torchrun
@@ -220,7 +220,7 @@ def test_fused_sft_follows_reference_sft_and_checkpoints_interchange(imported_ti
         out = tmp_path / kernels
         torchrun(1, *stage_args("sft", imported_tiny, out, "train.steps=20", "train.eval_every=0",
                                 "train.save_every=20", "train.plots=false", "data.packing=false", "optimizer.warmup_steps=5",
-                                f"train.kernels={kernels}"), port=29871 + i, timeout=300)
+                                impl=kernels), port=29871 + i, timeout=300)
         losses[kernels] = [r["lm_loss"] for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
     diff = [abs(f - r) / r for f, r in zip(losses["fused"], losses["reference"])]
     print(f"RESULT SFT 20 steps, fused vs reference kernels: lm_loss first {losses['reference'][0]:.4f} / "
@@ -230,5 +230,5 @@ def test_fused_sft_follows_reference_sft_and_checkpoints_interchange(imported_ti
     assert losses["fused"][-1] < 0.95 * losses["fused"][0]
     export = tmp_path / "hf"
     torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "fused" / "checkpoints" / "step_0000020"), str(export),
-             "--format", "bf16", "--local-spec", port=29873, timeout=200)
+             "--format", "bf16", "--impl", "reference", port=29873, timeout=200)
     assert (export / "config.json").is_file()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export_check import within_bf16_criterion
-from launch import RECIPES, json_line, result, run_python, torchrun
+from launch import IMPL, IMPL_ARGS, RECIPES, json_line, result, run_python, torchrun
 from parity import bit_identical, megatron_variants, parity_failures, parity_report, token_ids
 
 from gptoss_nemo.checkpoint import mxfp4
@@ -41,8 +41,9 @@ def ckpts(tmp_path_factory):
 def _loaded(cfg, src):
     from gptoss_nemo.model.build import build_rank_model
 
-    model = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
-    load_rank_state(model, iter_rank_state(HFReader(src), ParallelLayout(), tp_rank=0, ep_rank=0, pp_rank=0))
+    model = build_rank_model(cfg, ParallelLayout(), impl=IMPL, parallel_output=False)
+    load_rank_state(model, iter_rank_state(HFReader(src), ParallelLayout(), tp_rank=0, ep_rank=0, pp_rank=0,
+                                           te=IMPL == "te"))
     return model
 
 
@@ -52,7 +53,7 @@ def test_parity_ep1(megatron_parallel, ckpts):
     mx, bf, cfg = ckpts
     ids = token_ids(cfg.vocab_size)
     r = parity_report(bf, ids, *megatron_variants(
-        _loaded(cfg, mx), ids, lambda **kw: build_rank_model(cfg, ParallelLayout(), use_te=False,
+        _loaded(cfg, mx), ids, lambda **kw: build_rank_model(cfg, ParallelLayout(), impl=IMPL,
                                                              parallel_output=False, **kw)))
     result("parity EP1 (1 GPU, from MXFP4)", r)
     assert not parity_failures(r, COS, TOP1), parity_failures(r, COS, TOP1)
@@ -79,13 +80,13 @@ def test_modelopt_importer_evaluation(megatron_parallel, ckpts):
 
     mx, bf, cfg = ckpts
     ours = dict(_loaded(cfg, mx).named_parameters())
-    theirs = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
+    theirs = build_rank_model(cfg, ParallelLayout(), impl=IMPL, parallel_output=False)
     import_mcore_gpt_from_hf(theirs, str(mx))
     same = [n for n, p in theirs.named_parameters() if torch.equal(p, ours[n])]
     differ = sorted(set(ours) - set(same))
     result("ModelOpt importer on MXFP4 vs ours", {"params": len(ours), "bit_identical": len(same),
                                                    "differ_first": differ[:3]})
-    fresh = build_rank_model(cfg, ParallelLayout(), use_te=False, parallel_output=False)
+    fresh = build_rank_model(cfg, ParallelLayout(), impl=IMPL, parallel_output=False)
     with pytest.raises(Exception) as err:  # BF16 gpt-oss checkpoints (our own exports, SFT outputs) are refused
         import_mcore_gpt_from_hf(fresh, str(bf))
     result("ModelOpt importer on BF16", {"error": f"{type(err.value).__name__}: {str(err.value)[:200]}"})
@@ -95,16 +96,16 @@ def test_import_and_export_commands_one_gpu(ckpts, tmp_path):
     """`gptoss-nemo import` (dist checkpoint) then `gptoss-nemo export --format bf16`: bit-identical to the BF16
     checkpoint of the same seed (= transformers' dequantization, test above)."""
     mx, bf, _ = ckpts
-    summary = json_line(torchrun(1, "-m", "gptoss_nemo", "import", str(mx), str(tmp_path / "ckpt"), "--local-spec",
+    summary = json_line(torchrun(1, "-m", "gptoss_nemo", "import", str(mx), str(tmp_path / "ckpt"), *IMPL_ARGS,
                                  port=29811), "imported")
-    torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--local-spec",
+    torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), *IMPL_ARGS,
              port=29812)
     r = bit_identical(read_tensors(tmp_path / "hf"), read_tensors(bf))
     result("import (1 GPU) -> dist ckpt -> export BF16 vs BF16 checkpoint", {**r, "import": summary})
     assert r["identical"] == r["tensors"]
     # MXFP4 export of the same checkpoint: the dequantized experts are the imported values (they lie on the grid)
     torchrun(1, "-m", "gptoss_nemo", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf-mxfp4"), "--format",
-             "mxfp4", "--local-spec", port=29813)
+             "mxfp4", *IMPL_ARGS, port=29813)
     packed = read_tensors(tmp_path / "hf-mxfp4")
     dequant = {k[:-len("_blocks")]: mxfp4.dequantize(v, packed[k[:-len("_blocks")] + "_scales"]).transpose(-1, -2)
                for k, v in packed.items() if k.endswith("_blocks")}
@@ -123,7 +124,7 @@ def ep2_import(ckpts, tmp_path_factory):
     """`gptoss-nemo import --ep 2` on two GPUs: each rank reads half of the expert bytes."""
     mx, _, _ = ckpts
     out = tmp_path_factory.mktemp("ep2") / "ckpt-ep2"
-    summary = json_line(torchrun(2, "-m", "gptoss_nemo", "import", str(mx), str(out), "--ep", "2", "--local-spec",
+    summary = json_line(torchrun(2, "-m", "gptoss_nemo", "import", str(mx), str(out), "--ep", "2", *IMPL_ARGS,
                                  port=29821), "imported")
     result("import EP2 (2 GPUs) expert bytes", summary)
     return out, summary
@@ -169,7 +170,7 @@ def test_tp2_from_hf_and_from_the_ep2_checkpoint(ckpts, ep2_import, tmp_path):
     _check_parity(tp2)
     _check_parity(_worker(ckpts, tmp_path, 29826, "--tp", "2", "--dist", str(ep2_import[0])))
     torchrun(2, "-m", "gptoss_nemo", "export", str(ep2_import[0]), str(tmp_path / "tp2-export"), "--tp", "2",
-             "--local-spec", port=29827)
+             *IMPL_ARGS, port=29827)
     r = bit_identical(read_tensors(tmp_path / "tp2-export"), read_tensors(bf))
     result("EP2 dist ckpt -> export --tp 2 vs BF16 checkpoint", r)
     assert r["identical"] == r["tensors"], r
@@ -184,7 +185,7 @@ def trained_mxfp4(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("trained-base") / "run"
     run_python("-m", "gptoss_nemo", "pipeline", str(RECIPES / "qat_table_base.yaml"), f"run_dir={run}",
-               "--local-spec", timeout=500)
+               *IMPL_ARGS, timeout=500)
     result("trained MXFP4 checkpoint (recipes/qat_table_base.yaml): validation loss",
            {stage: [(r["step"], r["val_loss"]) for r in read_metrics(run / stage / "metrics.jsonl") if "val_loss" in r]
             for stage in ("sft", "qat")})
@@ -209,10 +210,10 @@ def test_trained_mxfp4_checkpoint_bf16_parity(trained_mxfp4, layout, tmp_path):
     port = 29830 + 2 * ["EP1", "EP2", "TP2", "PP2"].index(name)
     ckpt = tmp_path / "ckpt"
     imported = json_line(torchrun(nproc, "-m", "gptoss_nemo", "import", str(trained_mxfp4), str(ckpt), *layout,
-                                  "--local-spec", port=port), "imported")
+                                  *IMPL_ARGS, port=port), "imported")
     verified = json_line(torchrun(nproc, "-m", "gptoss_nemo", "verify-export", str(trained_mxfp4), "--against",
                                   str(ckpt), "--data", "synthetic:arithmetic:400:7:1", "--samples", "8",
-                                  "--seq-length", "512", *layout, "--local-spec", port=port + 1, timeout=300),
+                                  "--seq-length", "512", *layout, *IMPL_ARGS, port=port + 1, timeout=300),
                          "verify_export")
     flat = verified["min_cos"] >= COS and verified["top1"] >= TOP1
     result(f"trained MXFP4 checkpoint, import {name} -> megatron {name} vs transformers (BF16)",

@@ -1,10 +1,11 @@
-"""GPU tier for the model definition: the tiny checkpoint's config builds the megatron model (local spec), and a
+"""GPU tier for the model definition: the tiny checkpoint's config builds the megatron model ($GPU_TESTS_IMPL), and a
 forward+backward pass trains the router through the load-balancing loss and the attention sinks.
 
 Prints `RESULT ...` lines (collected into tests/gpu/RESULTS.md)."""
 
 import pytest
 import torch
+from launch import IMPL
 
 from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
 from gptoss_nemo.model.build import build_model, transformer_config
@@ -28,7 +29,7 @@ def _model(cfg, router=None):
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(1234)  # same initial weights for every model a test builds
-    tc = transformer_config(cfg, router or RouterConfig(), use_te=False)
+    tc = transformer_config(cfg, router or RouterConfig(), IMPL)
     return build_model(cfg, tc)
 
 
@@ -37,6 +38,13 @@ def _batch(cfg, seed=0):
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), device="cuda", generator=gen)
     pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(BATCH, -1)
     return ids[:, :-1], pos, ids[:, 1:]
+
+
+def _window(attention):
+    """The attention's window as megatron's (w, 0), None for full causal attention (TE says (-1, 0))."""
+    softmax = getattr(attention, "scale_mask_softmax", None)
+    window = softmax.window_size if softmax is not None else attention.window_size
+    return None if window is None or tuple(window)[0] < 0 else tuple(window)
 
 
 def _router_and_sinks(model):
@@ -49,7 +57,7 @@ def test_builds_with_expected_structure(megatron_parallel, cfg):
     model = _model(cfg)
     n = sum(p.numel() for p in model.parameters())
     assert n == count_parameters(cfg).total, (n, count_parameters(cfg).total)
-    windows = [layer.self_attention.core_attention.scale_mask_softmax.window_size for layer in model.decoder.layers]
+    windows = [_window(layer.self_attention.core_attention) for layer in model.decoder.layers]
     assert windows == [(127, 0) if s else None for s in cfg.sliding_layers]
     _, sinks = _router_and_sinks(model)
     assert all(s.shape == (cfg.num_attention_heads,) for s in sinks)
@@ -58,9 +66,9 @@ def test_builds_with_expected_structure(megatron_parallel, cfg):
     from gptoss_nemo.parallel.layout import LayerIndex
 
     index = LayerIndex(0, cfg.num_hidden_layers, 0, cfg.num_local_experts)
-    expected = megatron_param_names(index, te=False, pre_process=True, post_process=True)
-    check_names(expected, {name for name, _ in model.named_parameters()}, "megatron local-spec model")
-    print(f"RESULT build: tiny local-spec params={n} (analytic {count_parameters(cfg).total}), windows={windows}")
+    expected = megatron_param_names(index, te=IMPL == "te", pre_process=True, post_process=True)
+    check_names(expected, {name for name, _ in model.named_parameters()}, f"megatron {IMPL} model")
+    print(f"RESULT build ({IMPL}): tiny params={n} (analytic {count_parameters(cfg).total}), windows={windows}")
 
 
 def test_sliding_window_mask_matches_transformers(megatron_parallel, cfg):

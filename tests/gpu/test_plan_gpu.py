@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from launch import RECIPE, kill_at_random_step, result, run_python, stage_args
+from launch import IMPL_ARGS, RECIPE, kill_at_random_step, result, run_python, stage_args
 from tiny_ckpt import checkpoint_with_tokenizer
 
 from gptoss_nemo.model.presets import tiny
@@ -24,7 +24,7 @@ RUN = ("data.seq_length=4096", "train.global_batch_size=2", "train.micro_batch_s
 def test_planner_within_20_percent_of_measured_peak_20b_shaped(tmp_path):
     hf = checkpoint_with_tokenizer(tmp_path / "hf", tiny(**SHAPE))
     ckpt = tmp_path / "ckpt"
-    run_python("-m", "gptoss_nemo", "import", str(hf), str(ckpt), "--local-spec", timeout=600)
+    run_python("-m", "gptoss_nemo", "import", str(hf), str(ckpt), *IMPL_ARGS, timeout=600)
     # three optimizer steps, then SIGKILL: peak memory is reached by the first step's optimizer update and the
     # 40 GB training checkpoint the run would write is of no use here
     out = tmp_path / "run"
@@ -32,7 +32,7 @@ def test_planner_within_20_percent_of_measured_peak_20b_shaped(tmp_path):
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
     peak = max(r["peak_gib"] for r in rows)
     plan = json.loads(run_python("-m", "gptoss_nemo", "plan", str(RECIPE["sft"]),
-                                 f"checkpoint={ckpt}", *RUN, "--world-size", "1", "--local-spec"
+                                 f"checkpoint={ckpt}", *RUN, "--world-size", "1", *IMPL_ARGS
                                  ).stdout.strip().splitlines()[-1])
     result("planner vs measured peak memory (gpt-oss-20b widths, 2 layers, 1 GPU, seq 4096, micro-batch 1)",
            {"planned_gib": plan["per_gpu_gib"], "measured_peak_gib": peak,

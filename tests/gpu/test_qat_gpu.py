@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import RECIPES, json_line, result, run_many, run_python, torchrun
+from export_check import fake_quant_exact
+from launch import IMPL_ARGS, RECIPES, json_line, result, run_many, run_python, torchrun
 
 from gptoss_nemo.checkpoint import mxfp4
-from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.config.load import load_recipe
 from gptoss_nemo.config.pipeline import PipelineRecipe
 from gptoss_nemo.train.metrics_log import read_metrics
@@ -85,7 +85,7 @@ def test_mxfp4_codec_equals_modelopt_cuda_fake_quant():
 
 
 def _pipeline(recipe: Path, run: Path, *overrides: str) -> dict:
-    r = run_python("-m", "gptoss_nemo", "pipeline", str(recipe), f"run_dir={run}", *overrides, "--local-spec",
+    r = run_python("-m", "gptoss_nemo", "pipeline", str(recipe), f"run_dir={run}", *overrides, *IMPL_ARGS,
                    timeout=900)
     return json_line(r, "pipeline")
 
@@ -121,8 +121,8 @@ def table_run(tmp_path_factory):
     table = root / "table"
     sft_done = outputs(load_recipe(PipelineRecipe, TABLE, [f"run_dir={table}", f"model.hf={base}"]))["sft"]
     runs = {"qat_nvfp4": root / "qat-nvfp4", "bf16_control": root / "bf16-control"}  # eval row -> its run
-    jobs = [["-m", "gptoss_nemo", "qat", str(_stage_recipe(table, base, runs["qat_nvfp4"], "nvfp4")), "--local-spec"],
-            ["-m", "gptoss_nemo", "sft", str(_stage_recipe(table, base, runs["bf16_control"], None)), "--local-spec"]]
+    jobs = [["-m", "gptoss_nemo", "qat", str(_stage_recipe(table, base, runs["qat_nvfp4"], "nvfp4")), *IMPL_ARGS],
+            ["-m", "gptoss_nemo", "sft", str(_stage_recipe(table, base, runs["bf16_control"], None)), *IMPL_ARGS]]
     with ThreadPoolExecutor(1) as pool:
         pipeline = pool.submit(_pipeline, TABLE, table, f"model.hf={base}")
         while not all(p.exists() for p in sft_done):
@@ -135,7 +135,7 @@ def table_run(tmp_path_factory):
         r = run_python("-m", "gptoss_nemo", "eval", *(str(run / "checkpoints" / f"step_{QAT_STEPS:07d}")
                                                       for run in runs.values()),
                        *data, "--checker", EVAL.checker, "--samples", str(EVAL.samples), "--max-new-tokens",
-                       str(EVAL.max_new_tokens), "--local-spec", timeout=400)
+                       str(EVAL.max_new_tokens), *IMPL_ARGS, timeout=400)
         summary = pipeline.result()
     rows = {r["stage"]: r for r in summary["eval"]} | dict(zip(runs, json_line(r, "eval")))
     return {"eval": rows, "mxfp4": table / "qat", "nvfp4": runs["qat_nvfp4"], "bf16_control": runs["bf16_control"],
@@ -203,21 +203,11 @@ def test_eval_table(table_run):
 def test_nvfp4_export_matches_the_fake_quant(table_run, tmp_path):
     """The NVFP4 QAT checkpoint in ModelOpt's HF NVFP4 layout: dequantized (E2M1 x (E4M3 scale x FP32 scale)) it
     equals ModelOpt's fake-quantized weights (its Triton kernel) element for element."""
-    from gptoss_nemo.checkpoint import nvfp4
-
     ckpt = table_run["nvfp4"] / "checkpoints" / f"step_{QAT_STEPS:07d}"
     for i, fmt in enumerate(("bf16", "nvfp4")):
-        torchrun(1, "-m", "gptoss_nemo", "export", str(ckpt), str(tmp_path / fmt), "--format", fmt, "--local-spec",
+        torchrun(1, "-m", "gptoss_nemo", "export", str(ckpt), str(tmp_path / fmt), "--format", fmt, *IMPL_ARGS,
                  port=29840 + i)
-    fq, packed = read_tensors(tmp_path / "bf16"), read_tensors(tmp_path / "nvfp4")
     config = json.loads((tmp_path / "nvfp4" / "config.json").read_text())["quantization_config"]
-    total = equal = 0
-    for name in [n for n in fq if n.endswith(("gate_up_proj", "down_proj"))]:
-        for e in range(fq[name].shape[0]):
-            deq = nvfp4.dequantize(packed[name][e].t(), packed[name + "_weight_scale"][e].t(),
-                                   packed[name + "_weight_scale_2"]).t()
-            total += deq.numel()
-            equal += int((deq == fq[name][e]).sum())
-    result("QAT NVFP4 export (ModelOpt HF layout) vs fake-quant weights", {"elements": total, "equal": equal,
-                                                                            "quant_algo": config["quant_algo"]})
-    assert config["quant_algo"] == "W4A16_NVFP4" and total and equal == total
+    exact = fake_quant_exact(tmp_path / "nvfp4", tmp_path / "bf16", "nvfp4")
+    result("QAT NVFP4 export (ModelOpt HF layout) vs fake-quant weights", {**exact, "quant_algo": config["quant_algo"]})
+    assert config["quant_algo"] == "W4A16_NVFP4" and exact["elements"] and exact["equal"] == exact["elements"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from export_check import check_mxfp4_export, within_bf16_criterion
-from launch import RECIPES, json_line, kill_at_random_step, result, run_python, stage_args, torchrun
+from launch import IMPL_ARGS, RECIPES, json_line, kill_at_random_step, result, run_python, stage_args, torchrun
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.train.checkpoint_dirs import find_latest
@@ -39,7 +39,7 @@ def sft_export(sft_run, tmp_path_factory):
     """The SFT run's last checkpoint (step 200) exported to HF BF16 (one GPU)."""
     out = tmp_path_factory.mktemp("sft-export") / "hf"
     torchrun(1, "-m", "gptoss_nemo", "export", str(sft_run / "checkpoints" / "step_0000200"), str(out),
-             "--local-spec", port=29852)
+             *IMPL_ARGS, port=29852)
     return out
 
 
@@ -47,7 +47,7 @@ def _verify(sft_run: Path, export: Path, nproc: int, *args: str, port: int) -> d
     """verify-export of the SFT export against its checkpoint: 8 validation sequences of 512 tokens, BF16."""
     return json_line(torchrun(nproc, "-m", "gptoss_nemo", "verify-export", str(export), "--against",
                               str(sft_run / "checkpoints" / "step_0000200"), "--data", "synthetic:arithmetic:400:7",
-                              "--samples", "8", "--seq-length", "512", *args, "--local-spec", port=port,
+                              "--samples", "8", "--seq-length", "512", *args, *IMPL_ARGS, port=port,
                               timeout=300), "verify_export")
 
 
@@ -95,7 +95,7 @@ def test_sft_one_gpu_learns_and_logs(sft_run, sft_export, tiny_with_tokenizer):
     # the planner's per-GPU estimate against the measured peak (torch's allocator; issue 7: within 20%)
     plan = json.loads(run_python("-m", "gptoss_nemo", "plan", str(RECIPES / "sft_tiny.yaml"),
                                  f"checkpoint={out / 'checkpoints' / 'step_0000200'}", "--world-size", "1",
-                                 "--local-spec").stdout.strip().splitlines()[-1])
+                                 *IMPL_ARGS).stdout.strip().splitlines()[-1])
     peak = max(r["peak_gib"] for r in steps)
     result("planner vs measured peak memory (tiny, 1 GPU, 16 x 512 tokens, micro-batch 4)",
            {"planned_gib": plan["per_gpu_gib"], "measured_peak_gib": peak,

@@ -12,6 +12,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from launch import IMPL
 
 from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint
 from gptoss_nemo.convert.hf_reader import HFReader
@@ -29,11 +30,12 @@ sys.excepthook = lambda *exc: (traceback.print_exception(*exc, file=sys.stdout),
 
 
 def build():
-    return build_rank_model(cfg, layout, use_te=False, parallel_output=False, params_dtype=torch.float32).eval()
+    return build_rank_model(cfg, layout, impl=IMPL, parallel_output=False, params_dtype=torch.float32).eval()
 
 
 ours, theirs = build(), build()
-load_rank_state(ours, iter_rank_state(HFReader(hf_dir), layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp))
+load_rank_state(ours, iter_rank_state(HFReader(hf_dir), layout, tp_rank=me.tp, ep_rank=me.ep, pp_rank=me.pp,
+                                     te=IMPL == "te"))
 load_dist_checkpoint(theirs, dist_dir)
 differ = [n for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()) if not torch.equal(a, b)]
 all_differ = [None] * 2
