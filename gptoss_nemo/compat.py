@@ -1,9 +1,11 @@
-"""Workarounds for bugs in the installed megatron-core, each applied only where the installed code has the bug.
+"""Workarounds for bugs in the installed megatron-core and nvidia-modelopt, each applied only where the installed
+code has the bug.
 
 Every patch detects the bug in the installed source (not by version number alone), so a fixed release is
 left untouched, and a changed one that no longer contains the exact line is left alone too: the tests that
 exercise the path then tell whether the workaround is still needed. `apply_megatron_patches()` is idempotent
-and is called by the model builder; it returns the names of the patches in effect.
+and is called by the model builder; it returns the names of the patches in effect. `apply_modelopt_patches()` is
+its counterpart, called before ModelOpt quantizes or restores a model.
 
 1. expert_bias_inplace_add — megatron-core 0.19.2, `megatron/core/transformer/mlp.py`, `MLP.forward`:
    for experts with biases (gpt-oss) the fc2 bias is folded in with
@@ -92,6 +94,16 @@ and is called by the model builder; it returns the names of the patches in effec
    its amax). `grouped_amax_buffers` gives every expert quantizer lacking one an amax shaped like expert 0's before
    the checkpoint's tensors load, which then fill it. Upstream: NVIDIA/Model-Optimizer, same file.
 
+10. router_bias_in_te_gemm — megatron-core 0.19.2, `megatron/core/transformer/moe/moe_utils.py`,
+   `RouterGatingLinearFunction.forward`: wherever Transformer Engine imports (the NeMo container) the router's
+   logits come from `te_general_gemm(weight, inp, router_dtype, bias=bias)`, whatever spec built the model. gpt-oss's
+   router has a bias (BF16) and trains with `moe_router_dtype="fp32"`: an FP32 output with a BF16 bias, and the
+   logits come out wrong. Measured on an H200 with TE 2.20.2 (tests/gpu/RESULTS.md, eleventh session), random tiny
+   checkpoint, BF16 model with the FP32 router against transformers' FP32 logits: top-1 0.4% (fused, TE spec) and
+   14.7% (reference modules) with TE installed, 97.7% without it; with the BF16 router 97.3-98.0% either way. The
+   patch leaves the bias out of TE's GEMM and adds it in the router's dtype afterwards (the backward already treats
+   the bias apart). Upstream: NVIDIA/Megatron-LM, same file.
+
 `GPTOSS_NEMO_SKIP_PATCHES=name1,name2` leaves the named workarounds out (to check whether one is still needed).
 """
 
@@ -163,9 +175,25 @@ def _patch_linear_bias_in_gemm() -> bool:
     return _rewrite_method(Linear, "forward", _BIAS_AFTER_GEMM, _BIAS_IN_GEMM)
 
 
+_ROUTER_BIAS_IN_TE_GEMM = ('output = te_general_gemm(weight, inp, router_dtype, layout="TN", bias=bias)\n'
+                           '        output = output[0]')
+_ROUTER_BIAS_AFTER_TE_GEMM = ('output = te_general_gemm(weight, inp, router_dtype, layout="TN", bias=None)\n'
+                              '        output = output[0] if bias is None else output[0] + bias.to(router_dtype)')
+
+
+def _patch_router_bias_in_te_gemm() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    if getattr(moe_utils, "te_general_gemm", None) is None:  # without TE megatron's torch path is right
+        return False
+    return _rewrite_method(moe_utils.RouterGatingLinearFunction, "forward", _ROUTER_BIAS_IN_TE_GEMM,
+                           _ROUTER_BIAS_AFTER_TE_GEMM)
+
+
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
-            "linear_bias_in_gemm": _patch_linear_bias_in_gemm}
+            "linear_bias_in_gemm": _patch_linear_bias_in_gemm,
+            "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm}
 
 _LOCAL_MOE_NORM_KEY = "pre_mlp_layernorm."
 
@@ -247,11 +275,7 @@ def grouped_amax_buffers(model: torch.nn.Module) -> int:
 
 def apply_modelopt_patches() -> list[str]:
     """Apply the ModelOpt workarounds (before quantizing or restoring a quantized model); the names in effect."""
-    skip = skipped_patches()
-    for name, patch in _MODELOPT_PATCHES.items():
-        if name not in _APPLIED and name not in skip and patch():
-            _APPLIED.add(name)
-    return sorted(_APPLIED)
+    return _apply(_MODELOPT_PATCHES)
 
 
 def skipped_patches() -> set[str]:
@@ -261,8 +285,13 @@ def skipped_patches() -> set[str]:
 
 def apply_megatron_patches() -> list[str]:
     """Apply every workaround the installed megatron-core needs; return the names in effect."""
+    return _apply(_PATCHES)
+
+
+def _apply(patches: dict) -> list[str]:
+    """Each patch not applied yet and not skipped; the names of all workarounds in effect."""
     skip = skipped_patches()
-    for name, patch in _PATCHES.items():
+    for name, patch in patches.items():
         if name not in _APPLIED and name not in skip and patch():
             _APPLIED.add(name)
     return sorted(_APPLIED)

@@ -63,8 +63,8 @@ def test_request_matched_to_a_checkpoint_of_the_other_implementation():
     assert request["decoder.layers.2.self_attention.linear_proj.bias"].key.endswith("linear_proj.bias")
     # and the other way round: the new name found where the old one is asked for
     back = {"x": _sharded("decoder.layers.mlp.linear_fc1.layer_norm_weight", (8,))}
-    match_checkpoint(back, {"decoder.layers.pre_mlp_layernorm.weight": _sharded("decoder.layers.pre_mlp_layernorm.weight",
-                                                                              (8,))})
+    new = "decoder.layers.pre_mlp_layernorm.weight"
+    match_checkpoint(back, {new: _sharded(new, (8,))})
     assert back["x"].key == "decoder.layers.pre_mlp_layernorm.weight"
 
 

@@ -155,4 +155,37 @@ def test_a_workaround_can_be_left_out():
             "print(apply_megatron_patches(), getattr(L.forward, '__gptoss_nemo_patched__', False))")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "GPTOSS_NEMO_SKIP_PATCHES": "linear_bias_in_gemm, x"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.stdout.strip().endswith("['adamw_step_key_on_load', 'expert_bias_inplace_add'] False"), out
+    applied, patched = out.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert "'expert_bias_inplace_add'" in applied and "linear_bias_in_gemm" not in applied and patched == "False", out
+
+
+ROUTER_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from megatron.core.transformer.moe import moe_utils
+    seen = []
+    def te_general_gemm(a, b, out_dtype, layout, bias=None):  # stands in for TE's (only what reaches it matters)
+        seen.append(None if bias is None else bias.dtype)
+        return (torch.mm(b.to(out_dtype), a.to(out_dtype).t()) + (0 if bias is None else bias.to(out_dtype)),)
+    moe_utils.te_general_gemm = te_general_gemm
+    if sys.argv[1] == "patched":
+        from gptoss_nemo.compat import apply_megatron_patches
+        assert "router_bias_in_te_gemm" in apply_megatron_patches()
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((6, 16), (4, 16), (4,)))
+    out = moe_utils.RouterGatingLinearFunction.apply(x, w, b, torch.float32)
+    exact = torch.addmm(b.float(), x.float(), w.float().t())
+    print(seen, out.dtype, torch.allclose(out, exact, rtol=0, atol=1e-6))
+""")
+
+
+@pytest.mark.parametrize("mode,expected", [("bare", "[torch.bfloat16] torch.float32"),
+                                           ("patched", "[None] torch.float32 True")])
+def test_router_bias_kept_out_of_te_gemm(mode, expected):
+    """With TE installed megatron computes the router logits with TE's GEMM, handing it gpt-oss's BF16 router bias
+    for an FP32 output (wrong logits on the GPU: compat.py 10); patched, TE gets no bias and the FP32 logits are
+    x w^T + b exactly."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-c", ROUTER_SCRIPT, mode], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(expected), r.stdout

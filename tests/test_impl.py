@@ -135,3 +135,30 @@ def test_unknown_implementation_refused_before_any_gpu(tiny_ckpt_meta, tmp_path,
     err = capsys.readouterr().err
     assert "written by implementation 'xla'" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_packing_under_te_refused_where_cudnn_lacks_the_thd_backward(installed, tiny_ckpt_meta, tmp_path, capsys,
+                                                                     monkeypatch):
+    """TE 2.20 with cuDNN 9.19 (the lent H200): "Known cuDNN < 9.26.0 issue with THD learnable softmax backward"."""
+    from pathlib import Path
+
+    import torch
+
+    from gptoss_nemo.cli import main
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    assert impl_mod.te_packing_problem().startswith("cuDNN 9.19 < 9.26 has no backward")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 92600)
+    assert impl_mod.te_packing_problem() is None
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    installed(None, None)  # as if TE imported
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    recipe = str(Path(__file__).parents[1] / "recipes" / "sft_tiny.yaml")
+    base = ["sft", recipe, f"checkpoint={tiny_ckpt_meta}", f"train.out_dir={tmp_path / 'run'}",
+            "data.train=[synthetic:arithmetic:64]", "train.tensorboard=false", "train.plots=false"]
+    assert main([*base, "--dry-run", "--impl", "te"]) == 2
+    err = capsys.readouterr().err
+    assert "data.packing=true with model.impl=te: cuDNN 9.19 < 9.26" in err and "data.packing=false" in err
+    assert main([*base, "data.packing=false", "--dry-run", "--impl", "te"]) == 0
+    assert main([*base, "--dry-run", "--impl", "fused"]) == 0  # flex attention keeps packed documents apart

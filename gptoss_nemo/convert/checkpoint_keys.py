@@ -66,7 +66,8 @@ def _reshaped(sh, local_shape: tuple[int, ...]):
     if any(sh.global_offset[p:]) or any(f != 1 for f in (sh.axis_fragmentations or ())[p:]):
         return None
     return dataclasses.replace(
-        sh, data=sh.data.reshape(local_shape), local_shape=local_shape, global_shape=(*sh.global_shape[:p], *local_shape),
+        sh, data=sh.data.reshape(local_shape), local_shape=local_shape,
+        global_shape=(*sh.global_shape[:p], *local_shape),
         global_offset=(*sh.global_offset[:p], *(0,) * len(local_shape)),
         axis_fragmentations=(*sh.axis_fragmentations[:p], *(1,) * len(local_shape)) if sh.axis_fragmentations else None)
 

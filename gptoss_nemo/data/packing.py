@@ -8,10 +8,11 @@ A sequence holds whole conversations ("documents") back to back, then padding. F
     cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total]
 Attention keeps the documents apart under model.impl=fused (DocumentIds from the position ids, flex attention) and
 model.impl=te (each micro-batch as one THD sequence with cu_seqlens from the position ids, cuDNN attention with
-sinks; train/step.py). Rotary embeddings are relative, so a document attended alone sees the same thing wherever it
-sits in the sequence. Under model.impl=reference (megatron's own attention, the baseline) a token also attends to
-earlier documents of its sequence; the loss and its targets never cross a boundary there either: use
-data.packing=false with it where that matters.
+sinks; train/step.py), where cuDNN >= 9.26 has that attention's backward (packing under te is refused before).
+Rotary embeddings are relative, so a document attended alone sees the same thing wherever it sits in the sequence.
+Under model.impl=reference (megatron's own attention, the baseline) a token also attends to earlier documents of its
+sequence; the loss and its targets never cross a boundary there either: use data.packing=false with it where that
+matters.
 
 Packing is first-fit over the open sequences, in the (seeded, shuffled) order given: deterministic.
 """

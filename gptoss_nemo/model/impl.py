@@ -5,8 +5,9 @@
                the fastest measured (benchmarks/RESULTS.md), so `auto` picks it. Needs torch's flex attention with
                its log-sum-exp output and `grouped_mm` (torch >= 2.9).
     te         Transformer Engine's spec (the NeMo container): cuDNN fused attention with sinks (TE >= 2.8),
-               TE's grouped GEMM, packed documents kept apart by THD attention. The one that trains with tp > 1
-               (sequence parallelism; megatron's local norms cannot).
+               TE's grouped GEMM. The one that trains with tp > 1 (sequence parallelism; megatron's local norms
+               cannot). Packed documents need its THD attention, whose backward with sinks needs cuDNN >= 9.26
+               (`te_packing_problem`; TE 2.20 refuses it before): below that, train with data.packing=false.
     reference  megatron's local spec with megatron's own modules (DotProductAttention, SequentialMLP): simple and
                slow, the baseline the fused kernels are tested against. Packed documents attend to each other.
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 IMPLS = ("fused", "te", "reference")
 CHOICES = ("auto", *IMPLS)
 MIN_TE = "2.8"  # fused attention with learnable softmax offsets (gpt-oss's sinks)
+MIN_CUDNN_THD_SINKS = 92600  # cuDNN 9.26: THD (packed-sequence) attention with learnable sinks has a backward
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,19 @@ def te_problem() -> str | None:
     return None
 
 
+def te_packing_problem() -> str | None:
+    """Why TE's spec cannot train packed documents (THD attention with sinks) with this cuDNN, or None (also where
+    cuDNN cannot be read here: TE checks at the first step). Seen on an H200 with cuDNN 9.19 and TE 2.20.2:
+    "Known cuDNN < 9.26.0 issue with THD learnable softmax backward. Please upgrade cuDNN." """
+    import torch
+
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if version is None or version >= MIN_CUDNN_THD_SINKS:
+        return None
+    return (f"cuDNN {version // 10000}.{version % 10000 // 100} < 9.26 has no backward for Transformer Engine's "
+            "packed-sequence (THD) attention with sinks")
+
+
 def fused_problem() -> str | None:
     """Why the fused kernels cannot run with this torch, or None."""
     import torch
@@ -81,7 +96,8 @@ def fused_problem() -> str | None:
     try:
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention  # noqa: F401
     except ImportError:
-        return f"torch {torch.__version__} has no flex attention with AuxRequest (its log-sum-exp output carries the sinks)"
+        return (f"torch {torch.__version__} has no flex attention with AuxRequest (its log-sum-exp output carries the "
+                "sinks)")
     if "return_aux" not in inspect.signature(flex_attention).parameters:
         return f"torch {torch.__version__}'s flex_attention has no return_aux argument"
     if not hasattr(F, "grouped_mm"):

@@ -66,6 +66,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     dp = recipe.check_layout(cfg, world, te=impl.te)
     check_sequence_parallel(recipe, impl)
+    check_packing(recipe.data, impl)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}")
@@ -84,6 +85,17 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     data_stats = {"lines": stats.lines, "bad": stats.bad, **stats.outcomes, "tokens": stats.tokens,
                   "loss_tokens": stats.loss_tokens, "train_sequences": len(train), "valid_sequences": len(valid)}
     return Prepared(recipe, cfg, world, dp, impl, train, valid, data_stats)
+
+
+def check_packing(data, impl) -> None:
+    """Packed documents stay apart under fused (flex attention) and te (THD attention, which needs a recent cuDNN:
+    model/impl.py); refused under te where cuDNN lacks it, before any GPU time."""
+    from gptoss_nemo.model.impl import te_packing_problem
+
+    problem = te_packing_problem() if impl.te and data.packing else None
+    if problem:
+        raise ConfigError(f"data.packing=true with model.impl=te: {problem}; set data.packing=false (one conversation "
+                          "per sequence), or model.impl=fused (flex attention keeps packed documents apart)")
 
 
 def check_sequence_parallel(recipe: SFTRecipe, impl) -> None:

@@ -151,7 +151,8 @@ def run_global_batch(model, batches: GlobalBatches, step: int, seq_length: int, 
     seq, mbs = (seq_length * batches.mbs, 1) if thd else (seq_length, batches.mbs)
     with expert_weight_cache(model):  # the fused kernels' experts stack / fake-quantize weights once per batch
         reports = get_forward_backward_func()(
-            forward_step_func=partial(forward_step, thd=thd), data_iterator=iter(batches.microbatches(step)), model=[model],
+            forward_step_func=partial(forward_step, thd=thd), data_iterator=iter(batches.microbatches(step)),
+            model=[model],
             num_microbatches=batches.num_microbatches, seq_length=seq, micro_batch_size=mbs,
             decoder_seq_length=seq, forward_only=forward_only)
     totals = torch.zeros(2, device="cuda")

@@ -43,7 +43,8 @@ def fake_quant_exact(packed_dir: Path, bf16_dir: Path, fmt: str) -> dict:
             deq = mxfp4.dequantize(packed[name + "_blocks"], packed[name + "_scales"]).transpose(-1, -2)
         else:  # ModelOpt's HF NVFP4 layout: per expert, E2M1 x (E4M3 scale x the projection's FP32 scale)
             deq = torch.stack([nvfp4.dequantize(packed[name][e].t(), packed[name + "_weight_scale"][e].t(),
-                                                packed[name + "_weight_scale_2"]).t() for e in range(fq[name].shape[0])])
+                                                packed[name + "_weight_scale_2"]).t()
+                               for e in range(fq[name].shape[0])])
         total += deq.numel()
         equal += int((deq == fq[name]).sum())
     return {"elements": total, "equal": equal}

@@ -219,7 +219,8 @@ def test_fused_sft_follows_reference_sft_and_checkpoints_interchange(imported_ti
     for i, kernels in enumerate(("reference", "fused")):
         out = tmp_path / kernels
         torchrun(1, *stage_args("sft", imported_tiny, out, "train.steps=20", "train.eval_every=0",
-                                "train.save_every=20", "train.plots=false", "data.packing=false", "optimizer.warmup_steps=5",
+                                "train.save_every=20", "train.plots=false", "data.packing=false",
+                                "optimizer.warmup_steps=5",
                                 impl=kernels), port=29871 + i, timeout=300)
         losses[kernels] = [r["lm_loss"] for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
     diff = [abs(f - r) / r for f, r in zip(losses["fused"], losses["reference"])]

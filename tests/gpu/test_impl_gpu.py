@@ -5,8 +5,8 @@ local spec's fused kernels.
     started under one resumes under the other; a QAT run (MXFP4 and NVFP4, quantizers and amax) resumes under the
     other and both export the same bits, which dequantize exactly to the fake-quantized weights (NVFP4 under TE:
     one amax per layer projection, shared by its experts, as the export's single scale needs)
-  - TE's THD attention keeps packed documents apart: a packed micro-batch (with padding) gives each document the
-    logits and the gradients it gets alone
+  - packed documents stay apart: a packed micro-batch (with padding) gives each document the logits and the
+    gradients it gets alone (fused: flex attention; te: THD attention, where cuDNN >= 9.26 has its backward)
   - deterministic mode under TE: test_sft_gpu.py's SIGKILL-resume test with GPU_TESTS_IMPL=te
   - (two GPUs) a TP2 PTQ under TE keeps every TP rank's sinks
 
@@ -24,7 +24,7 @@ from tiny_ckpt import checkpoint_with_tokenizer
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
 from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
-from gptoss_nemo.model.impl import te_problem
+from gptoss_nemo.model.impl import te_packing_problem, te_problem
 from gptoss_nemo.model.presets import tiny
 from gptoss_nemo.train.metrics_log import read_metrics
 
@@ -95,7 +95,8 @@ def test_qat_checkpoints_across_implementations(tiny_pair, tmp_path, fmt):
                         "qat")
     final = run / "checkpoints" / "step_0000004"
     for i, (impl, form) in enumerate([(i, f) for i in ("te", "fused") for f in (fmt, "bf16")]):
-        _cli("export", str(final), str(tmp_path / f"{impl}-{form}"), "--format", form, "--impl", impl, port=port + 3 + i)
+        _cli("export", str(final), str(tmp_path / f"{impl}-{form}"), "--format", form, "--impl", impl,
+             port=port + 3 + i)
     same = {form: exported_equal(tmp_path / f"te-{form}", tmp_path / f"fused-{form}") for form in (fmt, "bf16")}
     exact = fake_quant_exact(tmp_path / f"te-{fmt}", tmp_path / "te-bf16", fmt)
     result(f"QAT {fmt}: te -> resumed under fused -> exported under both", {
@@ -125,7 +126,11 @@ def _packed_batch(vocab: int, lengths: list[list[int]], seq: int):
 @pytest.mark.parametrize("impl", ["te", "fused"])
 def test_packed_documents_stay_apart(megatron_parallel, impl):
     """One micro-batch of two packed sequences (five documents and padding): every document's logits, and the
-    gradients of a loss on all of them, equal what each document gets run alone (BF16 kernels: to rounding)."""
+    gradients of a loss on all of them, equal what each document gets run alone (BF16 kernels: to rounding). Each
+    document alone is one sequence of the same length (the document, then padding, which causal attention keeps
+    out of it), so the compiled kernels see one shape."""
+    if impl == "te" and te_packing_problem():
+        pytest.skip(te_packing_problem())
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from gptoss_nemo.model.build import build_model, transformer_config
@@ -147,12 +152,14 @@ def test_packed_documents_stay_apart(megatron_parallel, impl):
     model.zero_grad()
     cos, top1, alone_loss = [], [], 0.0
     for b, at, ids in docs:
-        x = ids.cuda().unsqueeze(0)
-        out = model(x, torch.arange(len(ids), device="cuda").unsqueeze(0), attention_mask=None)
-        alone_loss = alone_loss + out[0].float().logsumexp(-1).sum()
-        p = packed[b, at:at + len(ids)].detach().float()
-        cos.append(torch.nn.functional.cosine_similarity(p, out[0].detach().float(), dim=-1).min().item())
-        top1.append((p.argmax(-1) == out[0].argmax(-1)).float().mean().item())
+        n = len(ids)
+        x = torch.zeros(1, 512, dtype=torch.long, device="cuda")
+        x[0, :n] = ids.cuda()
+        out = model(x, torch.arange(512, device="cuda").unsqueeze(0), attention_mask=None)[0, :n]
+        alone_loss = alone_loss + out.float().logsumexp(-1).sum()
+        p = packed[b, at:at + n].detach().float()
+        cos.append(torch.nn.functional.cosine_similarity(p, out.detach().float(), dim=-1).min().item())
+        top1.append((p.argmax(-1) == out.argmax(-1)).float().mean().item())
     alone_loss.backward()
     worst = max(((grads_packed[n] - p.grad).float().norm() / p.grad.float().norm().clamp_min(1e-12)).item()
                 for n, p in model.named_parameters() if p.grad is not None)
