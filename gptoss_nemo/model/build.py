@@ -6,24 +6,18 @@ and a CUDA device: megatron-core creates the sink parameters and the YaRN cache 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from gptoss_nemo.compat import apply_megatron_patches
+from gptoss_nemo.compat import apply_megatron_patches, moe_local_spec_checkpoint_keys
 from gptoss_nemo.errors import DeviceError
 from gptoss_nemo.model.hf_config import GptOssConfig
 from gptoss_nemo.model.impl import ModelImpl, resolve_impl
 from gptoss_nemo.model.megatron_config import GptOssTransformerConfig, RouterConfig, to_transformer_config
 
-log = logging.getLogger(__name__)
-
 
 def layer_spec(config: GptOssTransformerConfig):
     """Decoder layer spec for `config.impl` (model/impl.py): TE's (grouped-GEMM experts, fused attention), or
     megatron's local spec with megatron's reference modules ("reference") or the fused ones ("fused")."""
-    from gptoss_nemo.compat import moe_local_spec_checkpoint_keys
-
     if config.impl == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
