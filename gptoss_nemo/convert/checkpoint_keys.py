@@ -21,6 +21,7 @@ Anything else the checkpoint lacks stays in the request, and megatron's loader n
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,9 @@ EXTRA_STATE = "_extra_state"
 
 @dataclass
 class Matched:
-    """What `match_checkpoint` changed in a request (keys are the state-dict names, not the sharded keys)."""
+    """What `match_checkpoint` left out of or reshaped in a request (state-dict names, not sharded keys); renamed
+    keys need nothing afterwards."""
 
-    renamed: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (requested key, checkpoint key)
     left_out: set[str] = field(default_factory=set)  # extra states the checkpoint does not have
     reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> the model's local shape
 
@@ -86,7 +87,6 @@ def match_checkpoint(sharded_sd: dict, entries: dict) -> Matched:
         found = entries.get(key)
         if found is None and (alias := _alias(key)) in entries:
             sh.key = alias
-            m.renamed[name] = (key, alias)
             found = entries[alias]
         if found is None:
             if key.endswith(EXTRA_STATE):
@@ -96,20 +96,13 @@ def match_checkpoint(sharded_sd: dict, entries: dict) -> Matched:
         if isinstance(sh, ShardedTensor) and isinstance(found, ShardedTensor) and sh.data is not None:
             p = sh.prepend_axis_num
             stored = tuple(found.global_shape[p:])
-            if tuple(sh.global_shape) != tuple(found.global_shape) and sh.data.numel() == _numel(stored) and \
+            if tuple(sh.global_shape) != tuple(found.global_shape) and sh.data.numel() == math.prod(stored) and \
                     tuple(sh.global_shape[:p]) == tuple(found.global_shape[:p]):
                 other = _reshaped(sh, stored)
                 if other is not None:
                     sharded_sd[name] = other
                     m.reshaped[name] = tuple(sh.data.shape)
     return m
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load_into(module, state: dict, matched: Matched, where: str) -> None:

@@ -73,7 +73,7 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     from gptoss_nemo.parallel.setup import env_world_size
     from gptoss_nemo.plan.memory import estimate
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD, save_tokenizer
-    from gptoss_nemo.train.sft import check_packing
+    from gptoss_nemo.train.sft import check_data_for_impl
 
     cfg, world = hf_config(recipe), env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
@@ -82,7 +82,7 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     dp = sft.check_layout(cfg, world, te=impl.te)
     if recipe.qat.enabled:
         recipe.qat_recipe().check_layout(cfg, world, te=impl.te)
-    check_packing(recipe.data, impl)
+    check_data_for_impl(recipe.data, recipe.parallel, impl)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train
     mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, impl=impl.name)

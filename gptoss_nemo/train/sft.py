@@ -65,8 +65,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     world = env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     dp = recipe.check_layout(cfg, world, te=impl.te)
-    check_sequence_parallel(recipe, impl)
-    check_packing(recipe.data, impl)
+    check_data_for_impl(recipe.data, recipe.parallel, impl)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}")
@@ -87,23 +86,21 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     return Prepared(recipe, cfg, world, dp, impl, train, valid, data_stats)
 
 
-def check_packing(data, impl) -> None:
-    """Packed documents stay apart under fused (flex attention) and te (THD attention, which needs a recent cuDNN:
-    model/impl.py); refused under te where cuDNN lacks it, before any GPU time."""
+def check_data_for_impl(data, parallel, impl) -> None:
+    """What TE's spec needs of the sequences, before any GPU time (the pipeline's dry run checks it too, before its
+    import): with tp > 1, sequence parallelism splits every sequence over the TP ranks; packed documents need THD
+    attention, which needs a recent cuDNN (model/impl.py; fused keeps them apart with flex attention)."""
     from gptoss_nemo.model.impl import te_packing_problem
 
-    problem = te_packing_problem() if impl.te and data.packing else None
+    if not impl.te:
+        return
+    if parallel.tp > 1 and data.seq_length % parallel.tp:
+        raise ConfigError(f"data.seq_length={data.seq_length} is not divisible by parallel.tp={parallel.tp}: with "
+                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
+    problem = te_packing_problem() if data.packing else None
     if problem:
         raise ConfigError(f"data.packing=true with model.impl=te: {problem}; set data.packing=false (one conversation "
                           "per sequence), or model.impl=fused (flex attention keeps packed documents apart)")
-
-
-def check_sequence_parallel(recipe: SFTRecipe, impl) -> None:
-    """Sequence parallelism (TE's spec with tp > 1, parallel/layout.py) splits every sequence over the TP ranks."""
-    tp = recipe.parallel.tp
-    if impl.te and tp > 1 and recipe.data.seq_length % tp:
-        raise ConfigError(f"data.seq_length={recipe.data.seq_length} is not divisible by parallel.tp={tp}: with "
-                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
 
 
 def dry_run(recipe: SFTRecipe) -> dict:
