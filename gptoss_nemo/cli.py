@@ -7,22 +7,37 @@ import json
 import sys
 
 from gptoss_nemo import __version__
-from gptoss_nemo.errors import GptOssNemoError
+from gptoss_nemo.errors import EXIT_CHECKED_ONLY, EXIT_INPUT, ConfigError, DataError, DeviceError, GptOssNemoError
+
+TINY_FLAGS = {"num_hidden_layers": "--layers", "hidden_size": "--hidden", "intermediate_size": "--expert-width",
+              "num_attention_heads": "--heads", "num_key_value_heads": "--kv-heads", "head_dim": "--head-dim",
+              "num_local_experts": "--experts", "num_experts_per_tok": "--top-k"}
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from gptoss_nemo.checkpoint.tiny import write_tiny_checkpoint
     from gptoss_nemo.model.presets import tiny
 
-    cfg = tiny(
-        layers=args.layers, hidden=args.hidden, experts=args.experts, expert_width=args.expert_width,
-        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, top_k=args.top_k,
-    )
+    try:
+        cfg = tiny(layers=args.layers, hidden=args.hidden, experts=args.experts, expert_width=args.expert_width,
+                   heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, top_k=args.top_k)
+    except ConfigError as e:  # config.json's field names, as this command's flags
+        message = str(e).removeprefix("config.json: ")
+        for field, flag in TINY_FLAGS.items():
+            message = message.replace(field, flag)
+        raise ConfigError(message) from None
     path = write_tiny_checkpoint(args.out_dir, cfg, seed=args.seed, quantized=not args.bf16, overwrite=args.overwrite)
     layout = "BF16" if args.bf16 else "MXFP4"
     print(f"wrote {layout} gpt-oss checkpoint ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_local_experts} experts top-{cfg.num_experts_per_tok}) to {path}")
     return 0
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    """Numeric flags that must be > 0, refused by their flag name."""
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
 
 
 def _layout(args: argparse.Namespace):
@@ -80,7 +95,9 @@ def _plan(args: argparse.Namespace) -> int:
     from gptoss_nemo.config.sft import SFTRecipe
     from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.plan.memory import GIB, estimate
+    from gptoss_nemo.train.sft import check_sequence_split
 
+    _positive(args, "world_size", "gpu_memory_gib", "tflops")
     pipeline = is_pipeline_recipe(args.recipe)
     recipe = _load_stage_recipe(PipelineRecipe if pipeline else SFTRecipe, args)
     if args.model:
@@ -100,6 +117,7 @@ def _plan(args: argparse.Namespace) -> int:
         recipe = recipe.qat_recipe() if qat_stage else recipe.sft_recipe()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True, here=False)  # the job's machine
     recipe.parallel.validate(cfg, args.world_size, te=impl.te)
+    check_sequence_split(recipe.data, recipe.parallel, impl.te)
     qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
                           recipe.train.micro_batch_size, impl=impl.name, qat=qat)
@@ -112,11 +130,23 @@ def _plan(args: argparse.Namespace) -> int:
                                  "world_size": args.world_size}, "impl": impl.name, "busiest_stage": stage,
                       "per_gpu_gib": mem.gib(),
                       "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits, "tokens_per_step": tokens,
-                      "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops}))
+                      "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops,
+                      "data": None if args.no_data else _data_lengths(recipe.data)}))
     if not fits:
         print(f"gptoss-nemo plan: warning: the estimate ({mem.total / GIB:.1f} GiB) exceeds {args.gpu_memory_gib} GiB "
               "per GPU; raise ep/pp, lower data.seq_length or train.micro_batch_size", file=sys.stderr)
     return 0
+
+
+def _data_lengths(data) -> dict:
+    """The training data's length distribution, where this machine can read it (the data may live on the cluster)."""
+    from gptoss_nemo.data.dataset import length_report
+    from gptoss_nemo.tokenizer.o200k_harmony import hf_tokenizer
+
+    try:
+        return length_report(data, hf_tokenizer())
+    except DataError as e:
+        return {"not_read": str(e)}
 
 
 def _train_stage(args: argparse.Namespace) -> int:
@@ -159,15 +189,16 @@ def _pipeline(args: argparse.Namespace) -> int:
     recipe = _load_stage_recipe(PipelineRecipe, args)
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
+    checked_only = not args.dry_run and not torch.cuda.is_available()
+    if checked_only:
         print("gptoss-nemo pipeline: no CUDA GPU here, so no stage runs: checking the recipe, model and data and "
-              "printing the plan instead (--dry-run)", file=sys.stderr)
-        args.dry_run = True
-    if args.dry_run:
+              f"printing the plan instead, then exiting with {EXIT_CHECKED_ONLY} (--dry-run asks for only this, "
+              "and exits 0)", file=sys.stderr)
+    if args.dry_run or checked_only:
         plan = dry_run(recipe)
         if _rank0():
             print(json.dumps({"dry_run": plan}))
-        return 0
+        return EXIT_CHECKED_ONLY if checked_only else 0
     try:
         summary = run(recipe, only=args.only)
     finally:
@@ -184,8 +215,15 @@ def _verify_export(args: argparse.Namespace) -> int:
     from gptoss_nemo.evaluate.verify_export import verify_export
     from gptoss_nemo.parallel.setup import shutdown
 
+    _positive(args, "samples", "seq_length", "max_new_tokens")
+    data = args.data or ["synthetic:arithmetic:256:7"]
+    if args.engine == "vllm":
+        return _verify_export_vllm(args, data)
+    if args.against is None:
+        raise ConfigError("verify-export --engine megatron compares the export with the checkpoint it came from: "
+                          "give it with --against CKPT (or use --engine vllm)")
     try:
-        r = verify_export(args.out_dir, args.against, _layout(args), data=args.data or ["synthetic:arithmetic:256:7"],
+        r = verify_export(args.out_dir, args.against, _layout(args), data=data,
                           samples=args.samples, seq_length=args.seq_length, impl=_impl(args), floor=not args.no_floor,
                           router_dtype=args.router_dtype)
     finally:
@@ -202,10 +240,32 @@ def _verify_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_export_vllm(args: argparse.Namespace, data: list[str]) -> int:
+    """verify-export --engine vllm: 0 when vLLM agrees within the rule, 1 when it does not."""
+    from gptoss_nemo.evaluate.verify_vllm import passed, report, verify_with_vllm
+    from gptoss_nemo.parallel.setup import shutdown
+
+    try:
+        r = verify_with_vllm(args.out_dir, data=data, samples=args.samples, seq_length=args.seq_length,
+                             max_new_tokens=args.max_new_tokens, dtype=args.dtype, against=args.against,
+                             layout=_layout(args), impl=_impl(args), floor=not args.no_floor,
+                             router_dtype=args.router_dtype)
+    finally:
+        shutdown()
+    if r is None:
+        return 0
+    print("\n".join(report(r)))
+    print(json.dumps({"verify_export": r}))
+    return 0 if passed(r) else 1
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gptoss_nemo.data.harmony import RenderOptions
-    from gptoss_nemo.evaluate.hf_eval import evaluate, table
+    from gptoss_nemo.evaluate.hf_eval import check_source, evaluate, table
 
+    _positive(args, "samples", "max_new_tokens")
+    for ckpt in args.ckpt:  # every checkpoint before the first one loads
+        check_source(ckpt)
     opts = RenderOptions(loss_on=args.loss_on)
     rows = [evaluate(ckpt, args.data, args.checker, samples=args.samples, max_new_tokens=args.max_new_tokens,
                      opts=opts, impl=_impl(args)) for ckpt in args.ckpt]
@@ -223,9 +283,13 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _rank0() -> bool:
-    from gptoss_nemo.parallel.setup import env_rank
+    from gptoss_nemo.parallel.setup import env_rank, env_world_size
 
-    return env_rank() == 0
+    try:
+        env_world_size()  # checks RANK against it too
+        return env_rank() == 0
+    except GptOssNemoError:  # a malformed launch environment: every process says so
+        return True
 
 
 def _impl_args(p) -> None:
@@ -270,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default 4, at most --experts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="write dequantized BF16 experts instead of MXFP4")
     p.add_argument("--overwrite", action="store_true")
@@ -292,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, default=400.0,
                    help="achieved BF16 TFLOP/s per GPU assumed for the step-time estimate (model FLOPs, active "
                         "experts only; 400 is about 40%% of an H100's dense BF16 peak)")
+    p.add_argument("--no-data", action="store_true", help="do not read the training data for its length "
+                                                          "distribution (tokens per conversation)")
     _impl_args(p)
     p.set_defaults(func=_plan)
 
@@ -309,9 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("verify-export", help="compare a Hugging Face export's logits (transformers) with the "
-                                             "gptoss-nemo checkpoint it came from (megatron, fake quant)")
+                                             "gptoss-nemo checkpoint it came from (megatron, fake quant), or serve "
+                                             "it with vLLM and compare with transformers (--engine vllm)")
     p.add_argument("out_dir", help="the export (gptoss-nemo export ... OUT_DIR)")
-    p.add_argument("--against", required=True, help="the gptoss-nemo checkpoint it was exported from")
+    p.add_argument("--engine", choices=["megatron", "vllm"], default="megatron",
+                   help="megatron: transformers on the export vs the checkpoint (needs --against); vllm: vLLM "
+                        "($GPTOSS_NEMO_VLLM_PYTHON, else this Python's) serves the export, compared with "
+                        "transformers on it, and with the checkpoint when --against is given (GPUs)")
+    p.add_argument("--against", default=None, help="the gptoss-nemo checkpoint it was exported from")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="--engine vllm: the dtype vLLM and transformers run in (float32: an unquantized export must "
+                        "match exactly)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="--engine vllm: greedy tokens per prompt")
     p.add_argument("--data", action="append", default=None,
                    help="conversations (JSONL/parquet or synthetic:...) rendered into the compared sequences")
     p.add_argument("--samples", type=int, default=8, help="sequences compared")
@@ -361,11 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with `a.b=c` overrides allowed after the flags too (`sft R.yaml --dry-run train.steps=5`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}"
+                     + ("" if hasattr(args, "overrides") else f" ({args.command} takes no a.b=c overrides)"))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 3 no GPU here: everything was checked
+    but nothing ran (--dry-run asks for only the checks, and exits 0)."""
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except GptOssNemoError as e:
         if _rank0():  # every rank hits the same pre-flight check; say it once
             print(f"gptoss-nemo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CHECKED_ONLY if isinstance(e, DeviceError) else EXIT_INPUT

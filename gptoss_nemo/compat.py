@@ -104,6 +104,22 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    patch leaves the bias out of TE's GEMM and adds it in the router's dtype afterwards (the backward already treats
    the bias apart). Upstream: NVIDIA/Megatron-LM, same file.
 
+11. dcp_restricted_unpickle — torch 2.11, `torch/distributed/checkpoint/filesystem.py`,
+   `FileSystemReader.read_metadata` (`metadata = pickle.load(metadata_file)`) and `default_planner.py`,
+   `DefaultLoadPlanner.load_bytes` (`torch.load(value, weights_only=False)`, inherited by megatron's
+   `MCoreLoadPlanner`): loading any megatron dist checkpoint unpickles its `.metadata` file and its non-tensor
+   items without restriction, so a crafted checkpoint (a copied run directory, a shared checkpoint) runs code on
+   every rank that loads it. The patch reads `.metadata` with `restricted_load`, which resolves only the classes
+   such metadata holds (torch.distributed.checkpoint's metadata classes, torch.Size, dtypes, layouts, paths) and
+   refuses anything else, and loads the byte items with `weights_only=True` (what megatron's own common-state
+   reader already does; checkpoints written by this package hold only tensors, numbers, strings and containers
+   there). A refused file is an UnpicklingError naming the global it asked for. Upstream: pytorch/pytorch, same
+   files (DCP's metadata is a pickle by design).
+
+`_rewrite_method` recompiles methods of the installed libraries from their own installed source files
+(`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
+user input, reaches its compile/exec. Keep it that way.
+
 `GPTOSS_NEMO_SKIP_PATCHES=name1,name2` leaves the named workarounds out (to check whether one is still needed).
 """
 
@@ -111,6 +127,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import textwrap
 
 import torch
@@ -121,16 +138,16 @@ _INPLACE_BIAS = "output += output_bias.unsqueeze(0) * per_token_scale.unsqueeze(
 _OUT_OF_PLACE_BIAS = "output = output + output_bias.unsqueeze(0) * per_token_scale.unsqueeze(-1)"
 
 
-def _rewrite_method(cls, name: str, old: str, new: str) -> bool:
-    """Recompile `cls.name` (a class's method, or a module's function) with the source text `old` (once in it,
-    indented as in the dedented source) replaced by `new`; False if `old` is absent. Static methods stay static.
-    True at once when it is already rewritten."""
+def _rewrite_method(cls, name: str, old: str, new: str, count: int = 1) -> bool:
+    """Recompile `cls.name` (a class's method, or a module's function) with the source text `old` (`count` times in
+    it, indented as in the dedented source) replaced by `new`; False if `old` is not there that many times. Static
+    methods stay static. True at once when it is already rewritten."""
     is_static = isinstance(inspect.getattr_static(cls, name), staticmethod)
     func = getattr(cls, name)
     if getattr(func, "__gptoss_nemo_patched__", False):
         return True
     source = textwrap.dedent(inspect.getsource(func))
-    if source.count(old) != 1:
+    if source.count(old) != count:
         return False
     if is_static:
         source = source.replace("@staticmethod\n", "", 1)
@@ -190,7 +207,51 @@ def _patch_router_bias_in_te_gemm() -> bool:
                            _ROUTER_BIAS_AFTER_TE_GEMM)
 
 
+# what a DCP `.metadata` pickle may name: classes of these modules, and these globals
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if module in _DCP_MODULES or (module, name) in _DCP_GLOBALS or (
+            module == "torch" and name.isidentifier()) else None
+        allowed = (module, name) in _DCP_GLOBALS or (
+            isinstance(found, type) and module in _DCP_MODULES) or (
+            module == "torch" and isinstance(found, torch.dtype | torch.layout | torch.memory_format))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: a checkpoint's metadata holds only "
+                                         "torch.distributed.checkpoint's classes, sizes and dtypes")
+        return found
+
+
+def restricted_load(f):
+    """Unpickle a torch.distributed.checkpoint `.metadata` stream, resolving only what such metadata holds."""
+    return _MetadataUnpickler(f).load()
+
+
+_PICKLE_METADATA = "metadata = pickle.load(metadata_file)"
+_RESTRICTED_METADATA = "metadata = _gptoss_nemo_restricted_load(metadata_file)"
+_BYTES_ANY_PICKLE = "weights_only=False"
+_BYTES_WEIGHTS_ONLY = "weights_only=True"
+
+
+def _patch_dcp_restricted_unpickle() -> bool:
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    filesystem._gptoss_nemo_restricted_load = restricted_load
+    metadata = _rewrite_method(filesystem.FileSystemReader, "read_metadata", _PICKLE_METADATA, _RESTRICTED_METADATA)
+    source = inspect.getsource(default_planner.DefaultLoadPlanner.load_bytes)
+    load_bytes = _rewrite_method(default_planner.DefaultLoadPlanner, "load_bytes", _BYTES_ANY_PICKLE,
+                                 _BYTES_WEIGHTS_ONLY, count=max(source.count(_BYTES_ANY_PICKLE), 1))
+    return metadata or load_bytes
+
+
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
+            "dcp_restricted_unpickle": _patch_dcp_restricted_unpickle,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
             "linear_bias_in_gemm": _patch_linear_bias_in_gemm,
             "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm}

@@ -1,4 +1,9 @@
-"""User-facing errors: one line that names the problem and the fix. The CLI prints them without a traceback."""
+"""User-facing errors: one line that names the problem and the fix. The CLI prints them without a traceback and
+exits with EXIT_INPUT, or EXIT_CHECKED_ONLY for a DeviceError (everything was checked, but this machine has no GPU
+to run the stage on): a `&&` chain or a CI job never carries on as if the work was done."""
+
+EXIT_INPUT = 2
+EXIT_CHECKED_ONLY = 3
 
 
 class GptOssNemoError(ValueError):
@@ -18,4 +23,4 @@ class DataError(GptOssNemoError):
 
 
 class DeviceError(GptOssNemoError):
-    """A stage that needs CUDA GPUs started where none is visible."""
+    """A stage that needs CUDA GPUs started where none is visible (raised after the CPU checks passed)."""

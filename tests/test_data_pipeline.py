@@ -43,21 +43,85 @@ def test_packing_keeps_documents_apart():
     assert len(unpacked) == 3 and all(u.cu_seqlens.numel() == 2 for u in unpacked)
 
 
-def test_build_datasets_counts_truncation_and_drops(tok, tmp_path):
-    long_answer = {"messages": [{"role": "user", "content": "go"},
-                                {"role": "assistant", "content": "word " * 400}]}
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
-    path = _jsonl(tmp_path / "d.jsonl", synthetic.records(30) + [long_answer, long_prompt])
-    cfg = DataConfig(train=[path], seq_length=256, validation_fraction=0.1)
+LONG_ANSWER = {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "word " * 400}]}
+LONG_PROMPT = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+
+
+def _overlong_file(tmp_path):
+    """30 short conversations (about 100 tokens), then two of 462 tokens at lines 31 and 32."""
+    return _jsonl(tmp_path / "d.jsonl", synthetic.records(30) + [LONG_ANSWER, LONG_PROMPT])
+
+
+def test_overlong_default_drops_with_a_warning(tok, tmp_path, caplog):
+    path = _overlong_file(tmp_path)
+    assert DataConfig(train=[path]).overlong == "drop"
+    cfg = DataConfig(train=[path], seq_length=256, validation_fraction=0.1, max_dropped_fraction=0.25)
     train, valid, stats = build_datasets(cfg, tok, PAD)
     assert stats.lines == 32 and stats.bad == 0
-    # the long answer is cut to 256 tokens; the long prompt loses its only loss tokens and is dropped
-    assert stats.outcomes == {"kept": 30, "truncated": 1, "dropped_no_loss": 1}
+    assert stats.outcomes == {"kept": 30, "dropped_overlong": 2}
+    total = sum(stats.lengths)
+    assert stats.dropped_tokens == 2 * 462 and stats.cut_tokens == 0 and stats.tokens == total - 924
     docs = lambda seqs: sum(s.cu_seqlens.numel() - 1 for s in seqs)  # noqa: E731
-    assert (docs(train), docs(valid)) == (28, 3)  # 31 kept, 10% (rounded) held out for validation
-    assert all(s.tokens.shape == (256,) for s in train + valid)
-    dropped = build_datasets(DataConfig(train=[path], seq_length=256, overlong="drop"), tok, PAD)[2]
-    assert dropped.outcomes == {"kept": 30, "dropped_overlong": 2}
+    assert (docs(train), docs(valid)) == (27, 3)  # 30 kept, 10% held out for validation
+    warning = caplog.text
+    assert "2 of 32 conversations (6.2%) are longer than data.seq_length=256 tokens" in warning
+    assert f"2 dropped (924 of {total} tokens, {924 / total:.1%})" in warning
+    assert f"{path}:31 (462 tokens), {path}:32 (462 tokens)" in warning and "data.overlong=drop" in warning
+    assert stats.summary()["tokens_per_conversation"]["max"] == 462
+
+
+def test_overlong_drop_stops_above_max_dropped_fraction(tok, tmp_path):
+    path = _overlong_file(tmp_path)
+    # 2 of 32 conversations, but 23% of the tokens: above the default 5%
+    with pytest.raises(DataError, match=r"2 dropped .* more than data.max_dropped_fraction=0.05; first: .*d.jsonl:31 "
+                                        r"\(462 tokens\).*raise data.seq_length, set data.overlong=truncate, or raise "
+                                        r"data.max_dropped_fraction"):
+        build_datasets(DataConfig(train=[path], seq_length=256), tok, PAD)
+    # a share of conversations alone counts too: 1 in 3 dropped
+    few = _jsonl(tmp_path / "few.jsonl", synthetic.records(2) + [LONG_ANSWER])
+    with pytest.raises(DataError, match="1 of 3 conversations"):
+        build_datasets(DataConfig(train=[few], seq_length=256, max_dropped_fraction=0.3), tok, PAD)
+
+
+def test_overlong_error_names_them(tok, tmp_path):
+    path = _overlong_file(tmp_path)
+    with pytest.raises(DataError, match=r"2 of 32 conversations .* \(data.overlong=error\); first: .*d.jsonl:31 \(462 "
+                                        r"tokens\), .*d.jsonl:32 .*tokens per conversation: p50 \d+, p90 \d+, p99 462, "
+                                        r"max 462"):
+        build_datasets(DataConfig(train=[path], seq_length=256, overlong="error"), tok, PAD)
+    short = _jsonl(tmp_path / "short.jsonl", synthetic.records(5))
+    assert build_datasets(DataConfig(train=[short], seq_length=256, overlong="error"), tok, PAD)[2].outcomes == {
+        "kept": 5}
+
+
+def test_overlong_truncate_keeps_the_loss_mask_of_what_is_kept(tok, tmp_path, caplog):
+    from gptoss_nemo.data.conversation import parse_conversation
+    from gptoss_nemo.data.harmony import encode
+
+    path = _overlong_file(tmp_path)
+    cfg = DataConfig(train=[path], seq_length=256, overlong="truncate", packing=False, validation_fraction=0,
+                     max_dropped_fraction=0.2)
+    train, _, stats = build_datasets(cfg, tok, PAD)
+    # the long answer is cut to 256 tokens; the long prompt keeps no loss token and is dropped as overlong
+    assert stats.outcomes == {"kept": 30, "truncated": 1, "dropped_overlong": 1}
+    assert stats.cut_tokens == 462 - 256 and stats.dropped_tokens == 462
+    assert "1 truncated to their first 256 tokens (206 of" in caplog.text and "1 dropped (truncated, they kept no " \
+        "token to train on)" in caplog.text
+    ids, loss = encode(parse_conversation(LONG_ANSWER), tok, cfg.render_options())
+    (seq,) = [s for s in train if s.tokens.tolist() == ids[:256]]  # the rendered sample, unpacked: no padding
+    assert seq.labels[:255].tolist() == ids[1:256]
+    assert seq.loss_mask[:255].tolist() == [float(x) for x in loss[1:256]]  # exactly the full conversation's mask
+    assert seq.loss_mask[255] == 0  # no target past the cut
+    first_loss = loss.index(True)
+    assert 0 < first_loss < 255 and not seq.loss_mask[:first_loss - 1].any() and seq.loss_mask[first_loss - 1:255].all()
+
+
+def test_length_distribution():
+    from gptoss_nemo.data.dataset import DataStats
+
+    stats = DataStats(lengths=list(range(1, 101)))
+    assert stats.length_distribution() == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
+    assert DataStats(lengths=[7]).length_distribution() == {"p50": 7, "p90": 7, "p99": 7, "max": 7}
 
 
 def test_malformed_lines_are_reported_and_counted(tok, tmp_path, caplog):
@@ -96,8 +160,12 @@ def test_parquet_source(tok, tmp_path):
 
 
 def test_bad_data_config():
-    with pytest.raises(ConfigError, match="data.overlong='cut'"):
+    with pytest.raises(ConfigError, match="data.overlong='cut'; use one of drop, truncate, error"):
         DataConfig(train=["x"], overlong="cut")
+    for key in ("max_bad_fraction", "max_dropped_fraction"):
+        for bad in (-1, 1.5):
+            with pytest.raises(ConfigError, match=f"data.{key}={bad} must be a fraction in"):
+                DataConfig(train=["x"], **{key: bad})
     with pytest.raises(ConfigError, match="data.train is empty"):
         DataConfig(train=[])
 

@@ -74,8 +74,9 @@ def test_eval_refuses_bad_input_before_loading(tiny_ckpt_meta, tiny_mxfp4, tiny_
 
     from gptoss_nemo.model.hf_config import GptOssConfig
 
-    # a gptoss-nemo checkpoint is exported on a GPU first; here there is none: one line says so
-    assert main(["eval", str(tiny_ckpt_meta), "--data", "synthetic:arithmetic:2"]) == 2
+    # a gptoss-nemo checkpoint is exported on a GPU first; here there is none: one line says so, and the exit code
+    # (3) says that everything was checked but nothing ran
+    assert main(["eval", str(tiny_ckpt_meta), "--data", "synthetic:arithmetic:2"]) == 3
     assert "needs CUDA GPUs" in capsys.readouterr().err
     w4a4 = write_ckpt_meta(tmp_path / "w4a4", GptOssConfig.from_file(tiny_mxfp4), tiny_mxfp4, quant="nvfp4_w4a4")
     assert main(["eval", str(w4a4), "--data", "synthetic:arithmetic:2"]) == 2

@@ -109,10 +109,16 @@ def test_without_a_gpu_it_says_so_and_dry_runs(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the pipeline would run")
-    assert main(["pipeline", str(RECIPES / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "--local-spec"]) == 0
+    # exit 3: everything was checked, nothing ran (a `&&` chain or CI stops); --dry-run asks for only the checks: 0
+    assert main(["pipeline", str(RECIPES / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "--local-spec"]) == 3
     out = capsys.readouterr()
-    assert "no CUDA GPU here" in out.err and len(out.err.strip().splitlines()) == 1
+    assert "no CUDA GPU here" in out.err and "exiting with 3" in out.err and len(out.err.strip().splitlines()) == 1
     assert '"dry_run"' in out.out and not (tmp_path / "run").exists()
+    assert main(["pipeline", str(RECIPES / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "--local-spec",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert '"dry_run"' in out.out and "tokens_per_conversation" in out.out and not out.err
+    assert not (tmp_path / "run").exists()
 
 
 def test_launch_prints_the_pipeline_job(tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_collective_atomic_dir_appears_once_every_rank_wrote(tmp_path):
 
 def test_rejects_bad_dimensions(capsys):
     assert main(["make-tiny", "/tmp/never", "--hidden", "100"]) == 2
-    assert "hidden_size=100 is not a multiple of 32" in capsys.readouterr().err
+    assert "--hidden=100 is not a multiple of 32" in capsys.readouterr().err
 
 
 def _copy(src, dst):

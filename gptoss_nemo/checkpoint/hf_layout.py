@@ -16,7 +16,9 @@ Everything but the MXFP4 blocks/scales is BF16.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -83,12 +85,21 @@ def expected_tensors(cfg: GptOssConfig, quantized: bool | None = None) -> dict[s
     return out
 
 
+def checkpoint_bytes(cfg: GptOssConfig, quantized: bool) -> int:
+    """The size of the checkpoint's tensors (what a writer needs free on its file system)."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected_tensors(cfg, quantized).values())
+
+
 def weight_map(ckpt_dir: str | Path) -> dict[str, str]:
     """Tensor name -> safetensors file name, from the index or from the directory's single file."""
     d = Path(ckpt_dir)
     index = d / INDEX_FILE
     if index.is_file():
-        mapping = json.loads(index.read_text()).get("weight_map")
+        try:
+            mapping = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e}); the file is damaged: download or write "
+                                  "the checkpoint again") from None
         if not isinstance(mapping, dict) or not mapping:
             raise CheckpointError(f"{index}: no weight_map; the index file is damaged")
         missing = sorted({f for f in mapping.values() if not (d / f).is_file()})
@@ -100,10 +111,22 @@ def weight_map(ckpt_dir: str | Path) -> dict[str, str]:
         raise CheckpointError(
             f"{d}: expected {INDEX_FILE} or exactly one .safetensors file, found {len(files)} .safetensors files"
         )
-    from safetensors import safe_open
-
-    with safe_open(files[0], "pt") as f:
+    with open_shard(files[0]) as f:
         return {name: files[0].name for name in f.keys()}
+
+
+@contextlib.contextmanager
+def open_shard(path: Path):
+    """safetensors' safe_open, with a damaged file (a truncated download, a broken header) named in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete (an "
+                              "interrupted download?): download or write it again") from None
+    with f:
+        yield f
 
 
 def read_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -120,15 +143,13 @@ def read_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def read_specs(ckpt_dir: str | Path) -> dict[str, Spec]:
     """Shape and dtype of every tensor, from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
     d = Path(ckpt_dir)
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map(d).items():
         by_file.setdefault(fname, []).append(name)
     specs: dict[str, Spec] = {}
     for fname, names in by_file.items():
-        with safe_open(d / fname, "pt") as f:
+        with open_shard(d / fname) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

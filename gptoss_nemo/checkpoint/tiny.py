@@ -15,7 +15,7 @@ import torch
 from gptoss_nemo.checkpoint import mxfp4
 from gptoss_nemo.checkpoint.hf_layout import check_checkpoint, expected_tensors
 from gptoss_nemo.checkpoint.writer import atomic_dir, write_shards
-from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.hf_config import GptOssConfig, transformers_version
 from gptoss_nemo.tokenizer.o200k_harmony import BOS, GENERATION_EOS_IDS, HARMONY_SPECIAL_TOKENS, PAD, save_tokenizer
 
 STD = 0.02
@@ -55,6 +55,7 @@ def _generation_config() -> dict:
         "eos_token_id": list(GENERATION_EOS_IDS),
         "pad_token_id": HARMONY_SPECIAL_TOKENS[PAD],
         "do_sample": True,
+        "transformers_version": transformers_version(),  # as openai's and GenerationConfig.save_pretrained's
     }
 
 

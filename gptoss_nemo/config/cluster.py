@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from gptoss_nemo.errors import ConfigError
 
-_TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,-]+$")  # written into #SBATCH lines, which sbatch does not unquote
 
@@ -32,8 +32,10 @@ class ClusterConfig:
             raise ConfigError(f"cluster.nodes={self.nodes} must be >= 1")
         if not 1 <= self.gpus_per_node <= 16:
             raise ConfigError(f"cluster.gpus_per_node={self.gpus_per_node} must be between 1 and 16")
-        if not _TIME.match(self.time):
-            raise ConfigError(f"cluster.time={self.time!r} is not a Slurm time limit: use HH:MM:SS or D-HH:MM:SS")
+        t = _TIME.match(self.time)
+        if not t or (t.group(1) is not None and int(t.group(2)) > 23):
+            raise ConfigError(f"cluster.time={self.time!r} is not a Slurm time limit: use HH:MM:SS or D-HH:MM:SS (minutes and "
+                              "seconds below 60, hours below 24 after a day count)")
         for key in ("partition", "account", "job_name"):
             value = getattr(self, key)
             if value is not None and not _SLURM_NAME.match(value):

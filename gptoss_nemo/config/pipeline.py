@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptoss_nemo.config.cluster import ClusterConfig
+from gptoss_nemo.config.load import stage_keys
 from gptoss_nemo.config.qat import QATRecipe, QuantConfig
 from gptoss_nemo.config.sft import ModelConfig, OptimizerConfig, SFTRecipe, TrainConfig
 from gptoss_nemo.data.dataset import DataConfig
@@ -122,22 +123,23 @@ class PipelineRecipe:
         return ModelConfig(impl=self.model.impl)
 
     def sft_recipe(self) -> SFTRecipe:
-        return SFTRecipe(checkpoint=str(self.root / "import"), data=self.data, model=self.model_config(),
-                         parallel=self.parallel,
-                         router=self.router, optimizer=self.sft.optimizer,
-                         train=dataclasses.replace(self.sft.train, out_dir=str(self.root / "sft")),
-                         cluster=self.cluster)
+        with stage_keys("sft"):
+            return SFTRecipe(checkpoint=str(self.root / "import"), data=self.data, model=self.model_config(),
+                             parallel=self.parallel, router=self.router, optimizer=self.sft.optimizer,
+                             train=dataclasses.replace(self.sft.train, out_dir=str(self.root / "sft")),
+                             cluster=self.cluster)
 
     def sft_final(self) -> Path:
         return self.root / "sft" / "checkpoints" / f"step_{self.sft.train.steps:07d}"
 
     def qat_recipe(self, stage: str = "qat") -> QATRecipe:
         """QAT (or, stage="ptq", PTQ: same quantization, RUN/ptq) of the SFT stage's last checkpoint."""
-        return QATRecipe(checkpoint=str(self.sft_final()), data=self.data, model=self.model_config(),
-                         parallel=self.parallel,
-                         router=self.router, quant=self.qat.quant, optimizer=self.qat.optimizer,
-                         train=dataclasses.replace(self.qat.train, out_dir=str(self.root / stage)),
-                         cluster=self.cluster)
+        with stage_keys("qat"):
+            return QATRecipe(checkpoint=str(self.sft_final()), data=self.data, model=self.model_config(),
+                             parallel=self.parallel, router=self.router, quant=self.qat.quant,
+                             optimizer=self.qat.optimizer,
+                             train=dataclasses.replace(self.qat.train, out_dir=str(self.root / stage)),
+                             cluster=self.cluster)
 
     def qat_final(self) -> Path:
         return self.root / "qat" / "checkpoints" / f"step_{self.qat.train.steps:07d}"

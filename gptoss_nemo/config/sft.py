@@ -38,6 +38,8 @@ class OptimizerConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr={self.lr} must be > 0")
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"optimizer.min_lr={self.min_lr} must be in (0, optimizer.lr={self.lr}]")
 

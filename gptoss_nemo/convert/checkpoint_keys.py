@@ -48,9 +48,19 @@ class Matched:
 
 def checkpoint_entries(ckpt_dir: str | Path) -> dict:
     """{sharded key: metadata (ShardedTensor without data, or ShardedObject)} of a dist checkpoint."""
+    import pickle
+
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    return {sh.key: sh for sh in load_sharded_metadata(str(ckpt_dir)).values()}
+    from gptoss_nemo.compat import apply_megatron_patches
+    from gptoss_nemo.errors import CheckpointError
+
+    apply_megatron_patches()  # compat 11: the metadata pickle read with only its own classes allowed
+    try:
+        return {sh.key: sh for sh in load_sharded_metadata(str(ckpt_dir)).values()}
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{ckpt_dir}/.metadata: {e}; it was not written by torch.distributed.checkpoint (a "
+                              "tampered or foreign checkpoint): do not load it") from None
 
 
 def _alias(key: str) -> str | None:

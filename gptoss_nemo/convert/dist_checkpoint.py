@@ -94,7 +94,11 @@ def read_dist_checkpoint_config(ckpt_dir: str | Path) -> tuple[GptOssConfig, dic
         hint = " (it looks like a Hugging Face checkpoint: run `gptoss-nemo import` on it first)" if (
             d / "config.json").is_file() else ""
         raise CheckpointError(f"{d}: not a gptoss-nemo checkpoint, {META_FILE} is missing{hint}")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint is damaged") from None
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, this gptoss-nemo reads format {FORMAT}")
     if meta.get("impl", "reference") not in IMPLS:  # older checkpoints do not say; the loader reads either kind

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import torch
 
-from gptoss_nemo.checkpoint.hf_layout import check_checkpoint, copy_side_files
+from gptoss_nemo.checkpoint.hf_layout import check_checkpoint, checkpoint_bytes, copy_side_files
 from gptoss_nemo.checkpoint.writer import DEFAULT_SHARD_BYTES, atomic_dir, check_target, write_shards
 from gptoss_nemo.convert.hf_to_megatron import unwrap
 from gptoss_nemo.convert.megatron_to_hf import gather_hf_tensors
 from gptoss_nemo.convert.to_mxfp4 import to_mxfp4
 from gptoss_nemo.convert.to_nvfp4 import quantization_configs, to_nvfp4
 from gptoss_nemo.errors import ConfigError
-from gptoss_nemo.model.impl import ModelImpl, resolve_impl
 from gptoss_nemo.model.hf_config import GptOssConfig
+from gptoss_nemo.model.impl import ModelImpl, resolve_impl
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import all_coords, current_coords
 from gptoss_nemo.quantize import modelopt_state
-
 
 FORMATS = ("bf16", "mxfp4", "nvfp4")
 NVFP4_TRAINED = ("nvfp4", "nvfp4_w4a4")
@@ -101,7 +100,7 @@ def run_export(ckpt_dir: str | Path, out_dir: str | Path, layout: ParallelLayout
     check_format(quant_format(meta), fmt, ckpt_dir)
     impl = resolve_impl(impl, layout=layout)
     layout.validate(cfg, env_world_size(), te=impl.te, training=False)
-    check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite, nbytes=checkpoint_bytes(cfg, quantized=fmt != "bf16"))
     init_distributed(layout)
     model = build_rank_model(cfg, layout, impl=impl)
     load_dist_checkpoint(model, ckpt_dir)

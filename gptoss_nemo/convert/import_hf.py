@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptoss_nemo.checkpoint.hf_layout import checkpoint_bytes
 from gptoss_nemo.checkpoint.writer import check_target
 from gptoss_nemo.convert.dist_checkpoint import save_dist_checkpoint
 from gptoss_nemo.convert.hf_reader import HFReader
@@ -27,7 +28,7 @@ def run_import(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, 
     cfg = reader.cfg
     impl = resolve_impl(impl, layout=layout)
     layout.validate(cfg, env_world_size(), te=impl.te, training=False)
-    check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite, nbytes=checkpoint_bytes(cfg, quantized=False))  # BF16, every rank's part
 
     import torch.distributed as dist
 

@@ -42,17 +42,17 @@ class Sequence:
 
 
 def fit(doc: Document, seq_length: int, overlong: str) -> tuple[Document | None, str]:
-    """Apply the overlong rule: ("kept" | "truncated" | "dropped_overlong" | "dropped_no_loss")."""
+    """Apply the overlong rule (data.overlong: drop, truncate, error: the caller counts and reports):
+    "kept" | "truncated" | "dropped_overlong" (longer than seq_length, or truncated to nothing to train on) |
+    "dropped_no_loss" (fits, but has no loss token under data.loss_on)."""
     if len(doc.ids) > seq_length:
-        if overlong == "drop":
+        if overlong != "truncate":
             return None, "dropped_overlong"
         doc = Document(doc.ids[:seq_length], doc.loss[:seq_length])
-        state = "truncated"
-    else:
-        state = "kept"
+        return (doc, "truncated") if any(doc.loss[1:]) else (None, "dropped_overlong")
     if not any(doc.loss[1:]):  # the first token is never a target
         return None, "dropped_no_loss"
-    return doc, state
+    return doc, "kept"
 
 
 def pack(docs: list[Document], seq_length: int, pad_id: int, packing: bool = True) -> list[Sequence]:

@@ -29,6 +29,7 @@ from gptoss_nemo.data.harmony import RenderOptions, encode
 from gptoss_nemo.errors import CheckpointError, DataError
 from gptoss_nemo.evaluate.checkers import get_checker
 from gptoss_nemo.evaluate.generate import final_answer, greedy, prompt_text
+from gptoss_nemo.model.hf_config import GptOssConfig
 
 
 def check_records(sources: list[str], samples: int) -> list[tuple[str, dict, object]]:
@@ -46,6 +47,19 @@ def check_records(sources: list[str], samples: int) -> list[tuple[str, dict, obj
     if not out:
         raise DataError(f"no conversation in {', '.join(sources)}")
     return out
+
+
+def check_source(ckpt: str | Path) -> None:
+    """A checkpoint `eval` can score (config, tensor headers, tokenizer), checked before any model loads."""
+    from gptoss_nemo.convert.dist_checkpoint import META_FILE, read_dist_checkpoint_config
+
+    ckpt = Path(ckpt)
+    if (ckpt / META_FILE).is_file():
+        read_dist_checkpoint_config(ckpt)
+        return
+    check_checkpoint(ckpt)
+    if not (ckpt / "tokenizer.json").is_file():
+        raise CheckpointError(f"{ckpt}: no tokenizer.json; evaluation renders and tokenizes harmony text")
 
 
 @contextmanager
@@ -80,9 +94,8 @@ def hf_view(ckpt: str | Path, impl: str = "auto") -> Iterator[Path]:
 def load_model(ckpt: Path, device: str):
     from transformers import AutoTokenizer, GptOssForCausalLM
 
-    cfg = check_checkpoint(ckpt)
-    if not (ckpt / "tokenizer.json").is_file():
-        raise CheckpointError(f"{ckpt}: no tokenizer.json; evaluation renders and tokenizes harmony text")
+    check_source(ckpt)
+    cfg = GptOssConfig.from_file(ckpt)
     kwargs = {}
     if cfg.quantized:
         from transformers import Mxfp4Config

@@ -69,8 +69,10 @@ def sequences(out_dir: str | Path, data: list[str], samples: int, seq_length: in
 
 def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[str], samples: int = 8,
                   seq_length: int = 512, impl: str = "auto", floor: bool = True,
-                  router_dtype: str = "fp32") -> dict | None:
-    """Collective. Rank 0 returns the comparison; other ranks None."""
+                  router_dtype: str = "fp32", keep_logits: bool = False) -> dict | None:
+    """Collective. Rank 0 returns the comparison; other ranks None. `keep_logits`: the result also holds the
+    sequences (`ids`, [n, seq_length]) and the megatron model's logits on them (`logits`, [n, seq_length, vocab],
+    BF16), for a further comparison (`verify-export --engine vllm --against`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -111,6 +113,8 @@ def verify_export(out_dir: str | Path, ckpt: str | Path, layout, *, data: list[s
         result = _against_transformers(out_dir, ids, torch.cat(ours), floor)
         result.update({"export": str(out_dir), "checkpoint": str(ckpt), "impl": impl.name, "sequences": len(ids),
                        "seq_length": seq_length, "router_dtype": router_dtype})
+        if keep_logits:
+            result.update(ids=ids, logits=torch.cat(ours).cpu())
     dist.barrier()
     return result
 

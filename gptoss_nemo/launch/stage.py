@@ -13,11 +13,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from gptoss_nemo.config.load import load_recipe
+from gptoss_nemo.config.load import load_recipe, stage_keys
 from gptoss_nemo.config.pipeline import PipelineRecipe
 from gptoss_nemo.config.qat import QATRecipe
 from gptoss_nemo.config.sft import SFTRecipe
-from gptoss_nemo.errors import ConfigError
+from gptoss_nemo.errors import ConfigError, DeviceError
 from gptoss_nemo.launch.slurm import sbatch_command, sbatch_script, submit_chain, write_script
 
 STAGES = {"sft": SFTRecipe, "qat": QATRecipe, "ptq": QATRecipe, "pipeline": PipelineRecipe}
@@ -27,12 +27,15 @@ def check_allocation(recipe, world: int) -> None:
     """The recipe's layout against the allocation, for the implementation the job will run (model/impl.py,
     resolved for the job's container, not this login node)."""
     from gptoss_nemo.model.impl import resolve_impl
+    from gptoss_nemo.train.sft import check_sequence_split
 
     te = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True, here=False).te
+    check_sequence_split(recipe.data, recipe.parallel, te)
     if isinstance(recipe, PipelineRecipe):
         from gptoss_nemo.pipeline.run import hf_config
 
-        recipe.sft_recipe().check_layout(hf_config(recipe), world, te=te)
+        with stage_keys("sft"):
+            recipe.sft_recipe().check_layout(hf_config(recipe), world, te=te)
         return
     from gptoss_nemo.convert.dist_checkpoint import read_dist_checkpoint_config
 
@@ -67,6 +70,19 @@ def stage_argv(stage: str, recipe_path: str | Path, overrides: list[str], *, dry
             "--impl", impl]
 
 
+def check_local_gpus(wanted: int) -> None:
+    """--local runs one process per GPU of this node: they must be there (after every other check)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise DeviceError("--local runs the stage on this node's GPUs and no CUDA GPU is visible here; the recipe "
+                          "and the allocation were checked: add --dry-run to check only, or --submit it to Slurm")
+    if visible < wanted:
+        raise ConfigError(f"cluster.gpus_per_node={wanted} but this node has {visible} GPU(s) visible to --local; "
+                          f"set cluster.gpus_per_node={visible} (and a layout that fits it), or --submit it")
+
+
 def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry_run: bool = False,
            impl: str | None = None, local_spec: bool = False) -> None:
     from gptoss_nemo.model.impl import with_local_spec
@@ -81,6 +97,8 @@ def launch(stage: str, recipe_path: str, overrides: list[str], *, mode: str, dry
         if cluster.nodes != 1:
             raise ConfigError(f"--local runs on one node; the recipe asks for cluster.nodes={cluster.nodes} "
                               "(use --submit)")
+        if not dry_run:
+            check_local_gpus(cluster.gpus_per_node)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={cluster.gpus_per_node}", "-m", "gptoss_nemo", *argv]
         print(shlex.join(cmd), flush=True)

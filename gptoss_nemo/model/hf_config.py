@@ -3,11 +3,17 @@
 `GptOssConfig.from_dict` accepts the openai/gpt-oss-* `config.json` (with `rope_scaling` and `rope_theta`)
 and the transformers v5 spelling (`rope_parameters`); `to_dict` writes the openai layout. Anything that is
 not gpt-oss, or that breaks a real constraint of the architecture, raises `ConfigError` naming the field.
+
+`transformers_version` is written as `save_pretrained` writes it (openai's files say "4.55.0.dev0"): transformers
+4.57.3 to 5.22 read it when they load a tokenizer of more than 100000 tokens from a local directory, and without it
+they take the directory for a Mistral one and warn "... with an incorrect regex pattern ... This will lead to
+incorrect tokenization" (`_patch_mistral_regex`, issue 22). Every release skips a version >= 5.0.0 there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +28,28 @@ MXFP4_MODULES_NOT_CONVERTED = [
     "model.embed_tokens",
     "lm_head",
 ]
+TRANSFORMERS_FLOOR = "5.0.0"  # pyproject's `transformers>=5.0`
+
+
+@functools.cache
+def transformers_version() -> str:
+    """The `transformers_version` our config.json and generation_config.json state: the installed transformers,
+    as its `save_pretrained` writes, or TRANSFORMERS_FLOOR when it is absent or older.
+
+    Never below 5.0.0: 4.57.3-4.57.6 warn about a Mistral regex for a stated 4.57.3+ or a 5.0 pre-release, and
+    4.57.3-5.22 for a missing field; every release with that heuristic skips a version >= 5.0.0.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("transformers")
+        from packaging.version import InvalidVersion, Version  # a dependency of transformers
+    except (PackageNotFoundError, ImportError):
+        return TRANSFORMERS_FLOOR
+    try:
+        return installed if Version(installed) >= Version(TRANSFORMERS_FLOOR) else TRANSFORMERS_FLOOR
+    except InvalidVersion:
+        return TRANSFORMERS_FLOOR
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +112,9 @@ class GptOssConfig:
                 raise ConfigError(
                     f"config.json: {name}={getattr(self, name)} is not a multiple of 32, which MXFP4 blocks need"
                 )
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim={self.head_dim} is odd; rotary embeddings rotate pairs of "
+                              "dimensions, so it must be even")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -158,8 +189,10 @@ class GptOssConfig:
             raise ConfigError(f"{path}: no config.json; point at a Hugging Face gpt-oss checkpoint directory")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); the checkpoint's config.json is damaged") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: holds a {type(raw).__name__}, not a config object; the file is damaged")
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +206,7 @@ class GptOssConfig:
             "tie_word_embeddings": False,
             "output_router_logits": False,
             "use_cache": True,
+            "transformers_version": transformers_version(),
             "experts_per_token": self.num_experts_per_tok,
             "initial_context_length": self.rope.original_max_position_embeddings,
             "rope_theta": self.rope.theta,

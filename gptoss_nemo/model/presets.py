@@ -37,9 +37,10 @@ def tiny(
     heads: int = 8,
     kv_heads: int = 2,
     head_dim: int = 32,
-    top_k: int = 4,
+    top_k: int | None = None,
 ) -> GptOssConfig:
-    """A small gpt-oss: real vocabulary, window, rope and activation; every width a multiple of 32."""
+    """A small gpt-oss: real vocabulary, window, rope and activation; every width a multiple of 32. top_k: 4, or
+    every expert where there are fewer; a top_k above `experts` is refused (GptOssConfig.validate)."""
     return GptOssConfig(
         num_hidden_layers=layers,
         hidden_size=hidden,
@@ -48,7 +49,7 @@ def tiny(
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         num_local_experts=experts,
-        num_experts_per_tok=min(top_k, experts),
+        num_experts_per_tok=min(4, experts) if top_k is None else top_k,
     )
 
 

@@ -23,11 +23,33 @@ def _in_srun_step() -> bool:
 
 
 def env_rank() -> int:
-    return int(os.environ.get("SLURM_PROCID", "0") if _in_srun_step() else os.environ.get("RANK", "0"))
+    name = "SLURM_PROCID" if _in_srun_step() else "RANK"
+    return _env_int(name, 0, minimum=0)
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("SLURM_NTASKS", "1") if _in_srun_step() else os.environ.get("WORLD_SIZE", "1"))
+    """The launcher's world size; this process's rank is checked against it here too (every pre-flight asks)."""
+    name = "SLURM_NTASKS" if _in_srun_step() else "WORLD_SIZE"
+    world, rank = _env_int(name, 1, minimum=1), env_rank()
+    if rank >= world:
+        raise ConfigError(f"this process has rank {rank} in a world of {world} ({name}): launch with torchrun/srun "
+                          "(which set both), or unset RANK and WORLD_SIZE")
+    return world
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """A launcher's integer variable; a malformed one is an input error, not a traceback."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"environment variable {name}={raw!r} must be an integer >= {minimum}: launch with "
+                          "torchrun/srun (which set it), or unset it")
+    return value
 
 
 def _torch_env_from_slurm() -> None:

@@ -22,15 +22,16 @@ import gc
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from gptoss_nemo.config.load import stage_keys
 from gptoss_nemo.config.pipeline import PipelineRecipe
 
 log = logging.getLogger("gptoss_nemo.pipeline")
 STAGES = ("hf", "import", "sft", "ptq", "qat", "export", "eval")
+SECTIONS = {"sft": "sft", "ptq": "qat", "qat": "qat"}  # the recipe section holding a stage's train/optimizer/quant
 
 
 def outputs(recipe: PipelineRecipe) -> dict[str, list[Path]]:
@@ -65,23 +66,24 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     """Every check that needs no GPU, and the plan. data=False leaves out reading and tokenizing the training
     data (the SFT / PTQ / QAT stages check it themselves before their GPU work). The implementation is resolved
     here once (model/impl.py); `recipe.model.impl` then names it for every stage."""
-    from transformers import AutoTokenizer
-
+    from gptoss_nemo.checkpoint.writer import check_writable
     from gptoss_nemo.data.dataset import build_datasets
     from gptoss_nemo.evaluate.hf_eval import check_records
     from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.parallel.setup import env_world_size
     from gptoss_nemo.plan.memory import estimate
-    from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD, save_tokenizer
+    from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD, hf_tokenizer
     from gptoss_nemo.train.sft import check_data_for_impl
 
+    check_writable(recipe.root)  # every stage writes under it
     cfg, world = hf_config(recipe), env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     recipe.model.impl = impl.name
-    sft = recipe.sft_recipe()
-    dp = sft.check_layout(cfg, world, te=impl.te)
+    with stage_keys("sft"):
+        dp = recipe.sft_recipe().check_layout(cfg, world, te=impl.te)
     if recipe.qat.enabled:
-        recipe.qat_recipe().check_layout(cfg, world, te=impl.te)
+        with stage_keys("qat"):
+            recipe.qat_recipe().check_layout(cfg, world, te=impl.te)
     check_data_for_impl(recipe.data, recipe.parallel, impl)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train
@@ -90,15 +92,9 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
             "stages": status(recipe), "tokens_per_step": t.global_batch_size * recipe.data.seq_length,
             "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "impl": {"name": impl.name, "why": impl.why}}
     if data:
-        with tempfile.TemporaryDirectory() as tmp:
-            tok_dir = recipe.hf_dir
-            if not (tok_dir / "tokenizer.json").is_file():  # the tiny model is not written yet
-                save_tokenizer(tmp)
-                tok_dir = Path(tmp)
-            train, valid, stats = build_datasets(recipe.data, AutoTokenizer.from_pretrained(tok_dir),
-                                                 HARMONY_SPECIAL_TOKENS[PAD])
-        plan["data"] = {"train_sequences": len(train), "valid_sequences": len(valid), "lines": stats.lines,
-                        "bad": stats.bad, **stats.outcomes}
+        # the checkpoint's tokenizer, o200k_harmony's where the tiny model is not written yet
+        train, valid, stats = build_datasets(recipe.data, hf_tokenizer(recipe.hf_dir), HARMONY_SPECIAL_TOKENS[PAD])
+        plan["data"] = {"train_sequences": len(train), "valid_sequences": len(valid), **stats.summary()}
     return plan
 
 
@@ -163,7 +159,8 @@ def run(recipe: PipelineRecipe, only: str | None = None) -> dict:
         if stage in todo:
             if rank0:
                 log.info("pipeline: stage %s", stage)
-            result = steps[stage]()
+            with stage_keys(SECTIONS.get(stage)):  # its recipe errors named as this recipe spells them
+                result = steps[stage]()
             _between_stages()
             if isinstance(result, dict) and result.get("stopped"):  # a stop request (time limit, preemption)
                 stopped = stage

@@ -163,3 +163,16 @@ def save_tokenizer(out_dir: str | Path, model_max_length: int = 131072) -> None:
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(chat_template())
+
+
+def hf_tokenizer(hf_dir: str | Path | None = None):
+    """transformers' tokenizer of a checkpoint directory with tokenizer.json, else o200k_harmony's (built here)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if hf_dir is not None and (Path(hf_dir) / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(hf_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tokenizer(tmp)
+        return AutoTokenizer.from_pretrained(tmp)

@@ -48,6 +48,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     """CPU-only checks and data preparation; raises GptOssNemoError with the fix in the message."""
     from transformers import AutoTokenizer
 
+    from gptoss_nemo.checkpoint.writer import check_writable
     from gptoss_nemo.convert.dist_checkpoint import HF_SUBDIR, quant_format, read_dist_checkpoint_config
     from gptoss_nemo.data.dataset import build_datasets
     from gptoss_nemo.model.impl import resolve_impl
@@ -56,6 +57,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
 
     t = recipe.train
     cfg, meta = read_dist_checkpoint_config(recipe.checkpoint)
+    check_writable(t.out_dir)  # checkpoints, logs and plots go there
     if quant_format(meta):
         raise CheckpointError(
             f"checkpoint={recipe.checkpoint} is already quantized ({quant_format(meta)}, by "
@@ -81,9 +83,16 @@ def prepare(recipe: SFTRecipe) -> Prepared:
                               "files (gptoss-nemo make-tiny writes o200k_harmony's)")
     tokenizer = AutoTokenizer.from_pretrained(hf)
     train, valid, stats = build_datasets(recipe.data, tokenizer, HARMONY_SPECIAL_TOKENS[PAD])
-    data_stats = {"lines": stats.lines, "bad": stats.bad, **stats.outcomes, "tokens": stats.tokens,
-                  "loss_tokens": stats.loss_tokens, "train_sequences": len(train), "valid_sequences": len(valid)}
+    data_stats = {**stats.summary(), "train_sequences": len(train), "valid_sequences": len(valid)}
     return Prepared(recipe, cfg, world, dp, impl, train, valid, data_stats)
+
+
+def check_sequence_split(data, parallel, te: bool) -> None:
+    """Under TE's spec with tp > 1, sequence parallelism splits every sequence over the TP ranks (also checked by
+    `plan` and `launch`, for the job's implementation)."""
+    if te and parallel.tp > 1 and data.seq_length % parallel.tp:
+        raise ConfigError(f"data.seq_length={data.seq_length} is not divisible by parallel.tp={parallel.tp}: with "
+                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
 
 
 def check_data_for_impl(data, parallel, impl) -> None:
@@ -92,11 +101,9 @@ def check_data_for_impl(data, parallel, impl) -> None:
     attention, which needs a recent cuDNN (model/impl.py; fused keeps them apart with flex attention)."""
     from gptoss_nemo.model.impl import te_packing_problem
 
+    check_sequence_split(data, parallel, impl.te)
     if not impl.te:
         return
-    if parallel.tp > 1 and data.seq_length % parallel.tp:
-        raise ConfigError(f"data.seq_length={data.seq_length} is not divisible by parallel.tp={parallel.tp}: with "
-                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
     problem = te_packing_problem() if data.packing else None
     if problem:
         raise ConfigError(f"data.packing=true with model.impl=te: {problem}; set data.packing=false (one conversation "

@@ -21,8 +21,8 @@ import torch
 
 from gptoss_nemo.convert.dist_checkpoint import save_quant_state, write_checkpoint_meta
 from gptoss_nemo.convert.hf_to_megatron import unwrap
+from gptoss_nemo.errors import CheckpointError
 from gptoss_nemo.train import checkpoint_dirs
-
 
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -61,6 +61,17 @@ def save_training(root: Path, step: int, model, optimizer, scheduler, *, keep_la
     return target
 
 
+def load_rng(path: Path) -> dict:
+    """A rank's RNG file: tensors and lists only (weights_only), so nothing in a run directory runs code."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: holds more than RNG tensors ({str(e).splitlines()[0]}); this package never "
+                              "writes such a file: delete the checkpoint or restore it from a trusted copy") from None
+
+
 def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
     """Collective. Restores what save_training wrote (the RNG states only when the world size is unchanged); a
     QAT model must have its quantizers restored before (quantize/qat.py)."""
@@ -87,7 +98,7 @@ def load_training(root: Path, step: int, model, optimizer, scheduler) -> None:
     rng_file = _rng_file(path, dist.get_rank())
     same_world = len(list((Path(path) / "rng").glob("rank_*.pt"))) == dist.get_world_size()
     if same_world and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)  # tensors and lists only: nothing in a run dir runs code
+        rng = load_rng(rng_file)
         torch.set_rng_state(rng["cpu"])
         torch.cuda.set_rng_state(rng["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
