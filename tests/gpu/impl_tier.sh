@@ -12,7 +12,8 @@ cd "$(dirname "$0")/../.."
 part=$1; logs=$2; limit=$3
 P="python3 -m pytest -q -s -p no:cacheprovider"
 G=tests/gpu
-TE="GPU_TESTS_IMPL=te NVIDIA_TF32_OVERRIDE=0"
+# packing under TE is refused below cuDNN 9.26 (the image has 9.19): the TE lanes train unpacked
+TE="GPU_TESTS_IMPL=te NVIDIA_TF32_OVERRIDE=0 GPU_TESTS_OVERRIDES=data.packing=false"
 FU="GPU_TESTS_IMPL=fused NVIDIA_TF32_OVERRIDE=0"
 case $part in
   te)
