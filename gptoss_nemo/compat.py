@@ -116,6 +116,15 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    there). A refused file is an UnpicklingError naming the global it asked for. Upstream: pytorch/pytorch, same
    files (DCP's metadata is a pickle by design).
 
+12. te_extra_state_unpickle — Transformer Engine 2.x, `transformer_engine/pytorch/module/base.py`,
+   `TransformerEngineBaseModule.set_extra_state`: `state = pickle.loads(state.detach().numpy(force=True).tobytes())`
+   unpickles the `_extra_state` byte tensor every TE module has in a checkpoint (its FP8 metadata: dicts of numbers,
+   strings and CPU tensors; empty in this package's BF16 and FP4 training), so under `model.impl=te` a crafted
+   checkpoint runs code on load. The patch reads it with `load_extra_state`, i.e. megatron-core's own
+   `SafeUnpickler` (megatron/core/safe_globals.py, what megatron's TE grouped linear already uses for these bytes:
+   containers, numbers, tensors and TE's recipe classes, the storages weights-only), so anything else is refused.
+   Upstream: NVIDIA/TransformerEngine, same file.
+
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
 user input, reaches its compile/exec. Keep it that way.
@@ -233,6 +242,30 @@ def restricted_load(f):
     return _MetadataUnpickler(f).load()
 
 
+def load_extra_state(state: torch.Tensor):
+    """Transformer Engine's `_extra_state` byte tensor, unpickled with megatron-core's own allowlist for it
+    (`megatron.core.safe_globals.SafeUnpickler`: containers, numbers, tensors, TE's recipe classes; importing
+    megatron.core makes the tensors' storages load weights-only)."""
+    import io
+
+    from megatron.core.safe_globals import SafeUnpickler
+
+    return SafeUnpickler(io.BytesIO(state.detach().cpu().numpy().tobytes())).load()
+
+
+_TE_PICKLE_EXTRA = "state = pickle.loads(state.detach().numpy(force=True).tobytes())"
+_TE_SAFE_EXTRA = "state = _gptoss_nemo_load_extra_state(state)"
+
+
+def _patch_te_extra_state_unpickle() -> bool:
+    try:
+        from transformer_engine.pytorch.module import base
+    except ImportError:  # no Transformer Engine: nothing unpickles extra state this way
+        return False
+    base._gptoss_nemo_load_extra_state = load_extra_state
+    return _rewrite_method(base.TransformerEngineBaseModule, "set_extra_state", _TE_PICKLE_EXTRA, _TE_SAFE_EXTRA)
+
+
 _PICKLE_METADATA = "metadata = pickle.load(metadata_file)"
 _RESTRICTED_METADATA = "metadata = _gptoss_nemo_restricted_load(metadata_file)"
 _BYTES_ANY_PICKLE = "weights_only=False"
@@ -252,6 +285,7 @@ def _patch_dcp_restricted_unpickle() -> bool:
 
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "dcp_restricted_unpickle": _patch_dcp_restricted_unpickle,
+            "te_extra_state_unpickle": _patch_te_extra_state_unpickle,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
             "linear_bias_in_gemm": _patch_linear_bias_in_gemm,
             "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm}

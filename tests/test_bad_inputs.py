@@ -564,7 +564,7 @@ class _RunsCode:
 def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(tmp_path, ckpt):
     """Where a checkpoint holds tensors, numbers and torch.distributed.checkpoint metadata, a pickled object that
     would run code (here: create a file) is refused: the DCP metadata (compat 11), DCP's byte items (compat 11,
-    weights_only) and a rank's RNG file (train/state.py)."""
+    weights_only), a TE module's extra state (compat 12) and a rank's RNG file (train/state.py)."""
     import io
 
     import torch.distributed.checkpoint as dcp
@@ -606,6 +606,19 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(tmp_path, ckpt):
 
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(_Item, evil)
+    # a Transformer Engine module's extra state (compat 12 reads it with megatron's allowlist; TE is GPU-only, so
+    # here the reader alone: FP8-style metadata loads, a pickled callable does not)
+    from gptoss_nemo.compat import load_extra_state
+
+    def as_bytes(obj):
+        return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+    fp8_meta = {"forward": {"scale_fwd": torch.ones(3), "amax_history_fwd": torch.arange(12.0).reshape(4, 3),
+                            "extra_fp8_variables": {"num_gemms": 1, "autocast": (True, "hybrid")}}}
+    again = load_extra_state(as_bytes(fp8_meta))
+    assert torch.equal(again["forward"]["amax_history_fwd"], fp8_meta["forward"]["amax_history_fwd"])
+    with pytest.raises(pickle.UnpicklingError, match="pathlib"):
+        load_extra_state(as_bytes({"forward": _RunsCode(marker)}))
     # a rank's RNG file
     rng = tmp_path / "rank_0.pt"
     torch.save({"cpu": torch.get_rng_state(), "tracker": _RunsCode(marker)}, rng)

@@ -132,3 +132,35 @@ def test_aux_loss_alone_moves_the_router(megatron_parallel, cfg):
     print(f"RESULT aux-only router grad norm: coeff 1e-2 -> {grads[1e-2]:.3e}, 1e-3 -> {grads[1e-3]:.3e}")
     assert grads[1e-3] > 0
     assert grads[1e-2] / grads[1e-3] == pytest.approx(10.0, rel=0.05)  # linear in the coefficient
+
+
+def test_te_extra_state_is_read_with_megatron_allowlist():
+    """compat 12: a TE module's `_extra_state` from a checkpoint is unpickled with megatron's allowlist, so a pickled
+    callable is refused; TE's own (empty in BF16, FP8 metadata otherwise) still loads."""
+    import pickle
+
+    from gptoss_nemo.model.impl import te_problem
+
+    if te_problem():
+        pytest.skip(te_problem())
+    import transformer_engine.pytorch as te
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    assert "te_extra_state_unpickle" in apply_megatron_patches()
+    linear = te.Linear(64, 64, params_dtype=torch.bfloat16)
+    linear.set_extra_state(linear.get_extra_state())  # BF16: empty
+    with te.fp8_autocast(enabled=True):
+        linear(torch.randn(32, 64, device="cuda", dtype=torch.bfloat16))
+    fp8_state = linear.get_extra_state()
+    linear.set_extra_state(fp8_state)  # FP8 metadata: dicts and tensors
+
+    class _RunsCode:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = torch.frombuffer(bytearray(pickle.dumps({"forward": _RunsCode()})), dtype=torch.uint8)
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        linear.set_extra_state(evil)
+    print(f"RESULT TE extra state (compat 12): FP8 state of {fp8_state.numel()} bytes reloaded; a pickled callable "
+          "refused")
