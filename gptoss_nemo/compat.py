@@ -116,14 +116,17 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    there). A refused file is an UnpicklingError naming the global it asked for. Upstream: pytorch/pytorch, same
    files (DCP's metadata is a pickle by design).
 
-12. te_extra_state_unpickle — Transformer Engine 2.x, `transformer_engine/pytorch/module/base.py`,
+12. te_extra_state_unpickle — Transformer Engine 2.x before its own guard, `transformer_engine/pytorch/module/base.py`,
    `TransformerEngineBaseModule.set_extra_state`: `state = pickle.loads(state.detach().numpy(force=True).tobytes())`
    unpickles the `_extra_state` byte tensor every TE module has in a checkpoint (its FP8 metadata: dicts of numbers,
    strings and CPU tensors; empty in this package's BF16 and FP4 training), so under `model.impl=te` a crafted
    checkpoint runs code on load. The patch reads it with `load_extra_state`, i.e. megatron-core's own
    `SafeUnpickler` (megatron/core/safe_globals.py, what megatron's TE grouped linear already uses for these bytes:
    containers, numbers, tensors and TE's recipe classes, the storages weights-only), so anything else is refused.
-   Upstream: NVIDIA/TransformerEngine, same file.
+   TE 2.20.2 has its own guard (`_extra_state.should_load_extra_state_pickle`: a non-empty pickle is refused unless
+   its unsafe opt-in variable is set), so there the line is absent and nothing is patched (GPU tier, twelfth
+   session: a pickled callable refused by TE itself). The patched form was run only through `load_extra_state` on
+   the CPU: no older TE was at hand. Upstream: NVIDIA/TransformerEngine, same file (fixed there by the guard).
 
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
