@@ -171,7 +171,7 @@ def test_verify_export_engine_vllm_command(exports, vllm_python):
     assert ("vLLM patched: " in r.stdout) == got["mxfp4_moe_gate_overridden"]
     assert "against transformers (bfloat16)" in r.stdout and ": PASS" in r.stdout
 
-    r = _verify_export(exports["wrong"], vllm_python, "--samples", "1", "--seq-length", "128", "--max-new-tokens", "4")
+    r = _verify_export(exports["wrong"], vllm_python, "--samples", "2", "--seq-length", "128", "--max-new-tokens", "8")
     assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
     print(r.stdout)
     got = json.loads(r.stdout.strip().splitlines()[-1])["verify_export"]
