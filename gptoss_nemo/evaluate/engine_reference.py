@@ -6,6 +6,9 @@ asked about, turned into `Position`s beside the engine's answers.
     positions             teacher-forced positions of the sequences and the steps of the engine's greedy
                           continuations (the prompt and the engine's tokens, run through the reference at once:
                           where every step agrees, the reference's own greedy continuation is the engine's)
+    fp32_reference_and_noise
+                          the FP32 reference of the calibrated (near-tie) rule, and `Noise`: its BF16 against it on
+                          the teacher-forced sequences (one model loaded at a time: BF16 first, then FP32)
 
 `logits(ids) -> [len(ids), vocab]` is any reference: transformers here, the megatron checkpoint's logits in
 `verify-export --against`.
@@ -13,12 +16,13 @@ asked about, turned into `Position`s beside the engine's answers.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from gptoss_nemo.evaluate.engine_agreement import Position
+from gptoss_nemo.evaluate.engine_agreement import Noise, Position
 from gptoss_nemo.evaluate.vllm_engine import ServedRun
 
 Logits = Callable[[list[int]], torch.Tensor]
@@ -46,6 +50,28 @@ def transformers_logits(hf_dir: str | Path, dtype: str) -> Logits:
         return model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float().cpu()
 
     return logits
+
+
+def fp32_reference_and_noise(hf_dir: str | Path, sequences: list[list[int]]) -> tuple[Logits, Noise]:
+    """transformers' FP32 on the export (the reference), and what its BF16 does against it on `sequences`."""
+    bf16 = transformers_logits(hf_dir, "bfloat16")
+    tops = [torch.log_softmax(bf16(seq)[:-1], dim=-1).max(dim=-1) for seq in sequences]
+    del bf16  # its model goes with it: one model in memory at a time
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fp32 = transformers_logits(hf_dir, "float32")
+    total, differ, n, largest = 0.0, 0, 0, 0.0
+    for seq, (values, tokens) in zip(sequences, tops, strict=True):
+        lp = torch.log_softmax(fp32(seq)[:-1], dim=-1)
+        top = lp.topk(2)
+        total += (values - lp.gather(1, tokens[:, None])[:, 0]).abs().sum().item()
+        flipped = tokens != top.indices[:, 0]
+        differ += int(flipped.sum())
+        n += len(tokens)
+        if flipped.any():
+            largest = max(largest, float((top.values[:, 0] - top.values[:, 1])[flipped].max()))
+    return fp32, Noise(mean_dlogprob=total / max(n, 1), disagreement=differ / max(n, 1), largest_flip_margin=largest)
 
 
 def _at(logprobs: torch.Tensor, token: int, logprob: float, *, generated: bool, first: bool) -> Position:
