@@ -94,7 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
     from gptoss_nemo.config.pipeline import PipelineRecipe, is_pipeline_recipe
     from gptoss_nemo.config.sft import SFTRecipe
     from gptoss_nemo.model.impl import resolve_impl
-    from gptoss_nemo.plan.memory import GIB, estimate
+    from gptoss_nemo.plan.memory import GIB, estimate, longest_fitting
     from gptoss_nemo.train.sft import check_sequence_split
 
     _positive(args, "world_size", "gpu_memory_gib", "tflops")
@@ -122,6 +122,8 @@ def _plan(args: argparse.Namespace) -> int:
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
                           recipe.train.micro_batch_size, impl=impl.name, qat=qat)
     fits = mem.total <= args.gpu_memory_gib * GIB
+    longest = longest_fitting(cfg, recipe.parallel, args.world_size, recipe.train.micro_batch_size,
+                              args.gpu_memory_gib * GIB, impl=impl.name, qat=qat)
     from gptoss_nemo.train.flops import train_flops_per_token
 
     tokens = recipe.train.global_batch_size * recipe.data.seq_length
@@ -129,12 +131,16 @@ def _plan(args: argparse.Namespace) -> int:
     print(json.dumps({"layout": {"tp": recipe.parallel.tp, "ep": recipe.parallel.ep, "pp": recipe.parallel.pp,
                                  "world_size": args.world_size}, "impl": impl.name, "busiest_stage": stage,
                       "per_gpu_gib": mem.gib(),
-                      "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits, "tokens_per_step": tokens,
+                      "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits,
+                      "seq_length": recipe.data.seq_length, "longest_seq_length_that_fits": longest,
+                      "tokens_per_step": tokens,
                       "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops,
                       "data": None if args.no_data else _data_lengths(recipe.data)}))
     if not fits:
+        longest_text = f"data.seq_length <= {longest} fits" if longest else "not even 1024 tokens fit"
         print(f"gptoss-nemo plan: warning: the estimate ({mem.total / GIB:.1f} GiB) exceeds {args.gpu_memory_gib} GiB "
-              "per GPU; raise ep/pp, lower data.seq_length or train.micro_batch_size", file=sys.stderr)
+              f"per GPU ({longest_text} with this layout and micro-batch); raise ep/pp, lower data.seq_length or "
+              "train.micro_batch_size", file=sys.stderr)
     return 0
 
 

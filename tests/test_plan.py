@@ -72,6 +72,23 @@ def test_plan_command(capsys):
     out = capsys.readouterr()
     report = json.loads(out.out)
     assert report["fits"] is False and report["per_gpu_gib"]["total"] > 80
-    assert "exceeds 80.0 GiB per GPU" in out.err
+    longest = report["longest_seq_length_that_fits"]
+    assert "exceeds 80.0 GiB per GPU" in out.err and (f"data.seq_length <= {longest} fits" in out.err if longest
+                                                       else "not even 1024 tokens fit" in out.err)
     assert main(["plan", recipe, "parallel.ep=3", "--model", "gpt-oss-120b", "--world-size", "8"]) == 2
     assert "num_local_experts=128 is not divisible by ep=3" in capsys.readouterr().err
+
+
+def test_longest_fitting_sequence_is_the_boundary():
+    """plan's longest_seq_length_that_fits: that length fits the budget, 1024 tokens more do not."""
+    from gptoss_nemo.model.presets import gpt_oss_20b
+    from gptoss_nemo.parallel.layout import ParallelLayout
+    from gptoss_nemo.plan.memory import GIB, estimate, longest_fitting
+
+    cfg, layout = gpt_oss_20b(), ParallelLayout(tp=1, ep=8, pp=1)
+    total = lambda seq: estimate(cfg, layout, 8, seq, 1, impl="fused")[0].total  # noqa: E731
+    longest = longest_fitting(cfg, layout, 8, 1, 80 * GIB)
+    assert longest is not None and longest % 1024 == 0
+    assert total(longest) <= 80 * GIB < total(longest + 1024)
+    assert longest_fitting(cfg, layout, 8, 1, total(1024) - 1) is None  # not even 1024 tokens
+    assert longest_fitting(cfg, layout, 8, 1, 10**15) == cfg.max_position_embeddings  # everything fits

@@ -125,3 +125,19 @@ def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_len
         if best is None or m.total > best[0].total:
             best = (m, stage)
     return best
+
+
+def longest_fitting(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_batch: int, budget: float,
+                    impl: str = "fused", qat: bool = False, step: int = 1024) -> int | None:
+    """The longest multiple of `step` tokens (up to the model's positions) whose estimate fits in `budget` bytes;
+    None when not even `step` does. The estimate grows with the sequence length, so a bisection finds it."""
+    def fits(seq: int) -> bool:
+        return estimate(cfg, layout, world_size, seq, micro_batch, impl=impl, qat=qat)[0].total <= budget
+
+    lo, hi = 0, cfg.max_position_embeddings // step  # multiples of step: lo fits (0 = none), hi + 1 does not
+    if fits(hi * step):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid)
+    return lo * step or None
