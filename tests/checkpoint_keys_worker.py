@@ -17,6 +17,22 @@ import torch
 import torch.distributed as dist
 
 
+def cpu_megatron(port: str) -> None:
+    """A world of one on gloo with megatron's parallel state and this package's workarounds, and the CPU stand-ins
+    for the CUDA calls megatron makes (the YaRN cache, checkpoint finalize, the MoE dispatcher's stream)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    apply_megatron_patches()
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = lambda *a, **k: None
+
+
 def build(hf, impl: str, seed: int):
     from megatron.core.models.gpt import GPTModel
 
@@ -44,20 +60,11 @@ def quantizers(model) -> list:
 
 
 def main(src_impl: str, dst_impl: str, out: str, port: str, old_keys: bool, quant: str | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state as ps
-
-    from gptoss_nemo.compat import apply_megatron_patches
+    cpu_megatron(port)
     from gptoss_nemo.convert.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
     from gptoss_nemo.model.presets import tiny
     from gptoss_nemo.parallel.layout import ParallelLayout
 
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    apply_megatron_patches()
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.Stream = lambda *a, **k: None
     hf = tiny()
     src = build(hf, src_impl, 1)
     if old_keys:

@@ -17,7 +17,6 @@ JSON line: {format: out_dir}.
 """
 
 import json
-import os
 import sys
 
 import torch
@@ -25,23 +24,15 @@ import torch.distributed as dist
 
 
 def main(src: str, port: str, trained: int | None, targets: list[tuple[str, str]]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from checkpoint_keys_worker import build
-    from megatron.core import parallel_state as ps
+    from checkpoint_keys_worker import build, cpu_megatron
 
-    from gptoss_nemo.compat import apply_megatron_patches
+    cpu_megatron(port)
     from gptoss_nemo.convert.hf_export import export_hf
     from gptoss_nemo.convert.hf_reader import HFReader
     from gptoss_nemo.convert.hf_to_megatron import iter_rank_state, load_rank_state
     from gptoss_nemo.parallel.layout import ParallelLayout
     from gptoss_nemo.quantize import modelopt_state
 
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    apply_megatron_patches()
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.Stream = lambda *a, **k: None
     reader = HFReader(src)
     model = build(reader.cfg, "reference", 0)
     layout = ParallelLayout()

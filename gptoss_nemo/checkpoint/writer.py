@@ -112,10 +112,11 @@ def collective_atomic_dir(target: str | Path, overwrite: bool = False) -> Iterat
         try:
             yield Path(tmp[0])
         except BaseException as e:  # rank 0's atomic_dir reports (and removes) a refused write; the others say it too
-            if rank0 or write_error(e) is None:
+            refused = None if rank0 else write_error(e)
+            if refused is None:
                 raise
-            raise CheckpointError(f"{target}: writing failed ({write_error(e).strerror}); rank 0 removed the "
-                                  "partial output: free space or choose another output path") from None
+            raise CheckpointError(f"{target}: writing failed ({refused.strerror}); rank 0 removed the partial "
+                                  "output: free space or choose another output path") from None
         dist.barrier()
     dist.barrier()
 

@@ -34,8 +34,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.gpus_per_node={self.gpus_per_node} must be between 1 and 16")
         t = _TIME.match(self.time)
         if not t or (t.group(1) is not None and int(t.group(2)) > 23):
-            raise ConfigError(f"cluster.time={self.time!r} is not a Slurm time limit: use HH:MM:SS or D-HH:MM:SS (minutes and "
-                              "seconds below 60, hours below 24 after a day count)")
+            raise ConfigError(f"cluster.time={self.time!r} is not a Slurm time limit: use HH:MM:SS or D-HH:MM:SS "
+                              "(minutes and seconds below 60, hours below 24 after a day count)")
         for key in ("partition", "account", "job_name"):
             value = getattr(self, key)
             if value is not None and not _SLURM_NAME.match(value):

@@ -64,18 +64,19 @@ def _merge(path: Path, data, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    parsed = []  # one by one, so that a malformed value is named
     for o in overrides:
         if "=" not in o or not o.split("=", 1)[0]:
             raise ConfigError(f"override {o!r} is not of the form section.key=value")
         try:
-            OmegaConf.from_dotlist([o])
+            parsed.append(OmegaConf.from_dotlist([o]))
         except yaml.YAMLError as e:
             raise ConfigError(f"override {o!r}: its value is not valid YAML ({getattr(e, 'problem', None) or e}); "
                               "quote it, e.g. 'section.key=\"...\"', or write a list as [a, b]") from None
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
     try:
-        conf = OmegaConf.merge(data, OmegaConf.from_dotlist(list(overrides)))
+        conf = OmegaConf.merge(data, *parsed)
         return OmegaConf.to_container(conf, resolve=True)
     except (OmegaConfBaseException, ValueError, TypeError) as e:
         raise ConfigError(f"recipe {path}: {str(e).splitlines()[0]}") from None
@@ -117,12 +118,12 @@ def build(cls, data, where: str = "", _path: str = ""):
                 raise ConfigError(f"{where}{dotted} is required")
             continue
         kwargs[name] = _value(hints[name], data[name], where, dotted)
-    parent, _, section = _path.rstrip(".").rpartition(".")
-    if not parent:
+    try:
         return cls(**kwargs)
-    try:  # a nested section's own checks name it by its short key (train.steps): qualify it (sft.train.steps)
-        return cls(**kwargs)
-    except ConfigError as e:
+    except ConfigError as e:  # a nested section's own checks name it by its short key: train.steps -> sft.train.steps
+        parent, _, section = _path.rstrip(".").rpartition(".")
+        if not parent:
+            raise
         raise ConfigError(qualify(str(e), parent, (section,))) from None
 
 

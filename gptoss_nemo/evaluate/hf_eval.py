@@ -49,17 +49,18 @@ def check_records(sources: list[str], samples: int) -> list[tuple[str, dict, obj
     return out
 
 
-def check_source(ckpt: str | Path) -> None:
-    """A checkpoint `eval` can score (config, tensor headers, tokenizer), checked before any model loads."""
+def check_source(ckpt: str | Path) -> GptOssConfig:
+    """A checkpoint `eval` can score (config, tensor headers, tokenizer), checked before any model loads; its
+    config."""
     from gptoss_nemo.convert.dist_checkpoint import META_FILE, read_dist_checkpoint_config
 
     ckpt = Path(ckpt)
     if (ckpt / META_FILE).is_file():
-        read_dist_checkpoint_config(ckpt)
-        return
-    check_checkpoint(ckpt)
+        return read_dist_checkpoint_config(ckpt)[0]
+    cfg = check_checkpoint(ckpt)
     if not (ckpt / "tokenizer.json").is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json; evaluation renders and tokenizes harmony text")
+    return cfg
 
 
 @contextmanager
@@ -94,8 +95,7 @@ def hf_view(ckpt: str | Path, impl: str = "auto") -> Iterator[Path]:
 def load_model(ckpt: Path, device: str):
     from transformers import AutoTokenizer, GptOssForCausalLM
 
-    check_source(ckpt)
-    cfg = GptOssConfig.from_file(ckpt)
+    cfg = check_source(ckpt)
     kwargs = {}
     if cfg.quantized:
         from transformers import Mxfp4Config

@@ -41,15 +41,18 @@ RUN_MARK = "== gptoss-nemo vllm_worker run"
 GATE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe.CPUExpertsMxfp4._supports_current_device"
 
 
+def _x86_cpu() -> bool:
+    """vLLM runs on its CPU platform on an x86 CPU."""
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    return current_platform.is_cpu() and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+
+
 def _override_mxfp4_gate() -> None:
     """CPUExpertsMxfp4 supported on any x86 CPU platform: its own check without the AMX-tile condition."""
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    from vllm.platforms import CpuArchEnum, current_platform
 
-    def supports_current_device() -> bool:
-        return current_platform.is_cpu() and current_platform.get_cpu_architecture() == CpuArchEnum.X86
-
-    cpu_moe.CPUExpertsMxfp4._supports_current_device = staticmethod(supports_current_device)
+    cpu_moe.CPUExpertsMxfp4._supports_current_device = staticmethod(_x86_cpu)
 
 
 if os.environ.get(_GATE_ENV) == "1":
@@ -60,18 +63,15 @@ def _needs_gate_override() -> bool:
     """vLLM's own gate refuses its CPU MXFP4 experts here: an x86 CPU platform without AMX tiles (torch's probe, the
     one vLLM's gate asks)."""
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    from vllm.platforms import CpuArchEnum, current_platform
 
-    return current_platform.is_cpu() and current_platform.get_cpu_architecture() == CpuArchEnum.X86 and \
-        not cpu_moe.CPUExpertsMxfp4._supports_current_device()
+    return _x86_cpu() and not cpu_moe.CPUExpertsMxfp4._supports_current_device()
 
 
 def _torch_amx() -> bool | None:
     """torch's AMX-tile probe (vLLM's gates ask it); None off x86 CPU platforms."""
     import torch
-    from vllm.platforms import CpuArchEnum, current_platform
 
-    if not (current_platform.is_cpu() and current_platform.get_cpu_architecture() == CpuArchEnum.X86):
+    if not _x86_cpu():
         return None
     return bool(torch.cpu._is_amx_tile_supported())
 
