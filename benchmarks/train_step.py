@@ -20,6 +20,9 @@ What is timed (after --warmup steps, CUDA-synchronised wall clock, median over -
              micro-batch: "fwd_bwd_s"; tokens/s and MFU from the whole step ("tokens_per_s") and from
              forward+backward alone ("fwd_bwd_tokens_per_s", the quantity the transformers rows measure).
   hf         forward+backward of one sequence (loss + the router aux loss), no optimizer step.
+Memory savers (gptoss_nemo/train/memory_savers.py; --suite's memory variants, --recompute, --moments, --grads,
+--offload): activation recompute and lighter optimizer states, timed and measured the same way, so their rows give
+what each costs per step and saves in memory against the plain row.
 Peak memory: the largest of the ranks' peaks (all in "peak_gib_per_rank": routing is not balanced), beside the
 planner's per-GPU estimate for the same run ("planned_gib", gptoss_nemo/plan/memory.py).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import os
 import statistics
 import subprocess
@@ -89,11 +93,12 @@ def rates(cfg, seq: int, tokens: int, seconds: float, peak: float) -> dict:
     return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak}
 
 
-def planned_gib(cfg, layout, world: int, args) -> dict:
+def planned_gib(cfg, layout, world: int, args, savers) -> dict:
     """`gptoss-nemo plan`'s per-GPU estimate for this run (micro-batches of one sequence)."""
-    from gptoss_nemo.plan.memory import estimate
+    from gptoss_nemo.plan.memory import estimate, fused_adam_here
 
-    mem, _ = estimate(cfg, layout, world, args.seq, 1, impl=args.impl, qat=args.quant != "none")
+    mem, _ = estimate(cfg, layout, world, args.seq, 1, impl=args.impl, qat=args.quant != "none", savers=savers,
+                      fused_adam=fused_adam_here())
     return {k: round(v, 2) for k, v in mem.gib().items()}
 
 
@@ -136,16 +141,24 @@ def run_megatron(args) -> dict:
     from gptoss_nemo.parallel.layout import ParallelLayout
     from gptoss_nemo.parallel.setup import init_distributed
     from gptoss_nemo.train.batches import GlobalBatches
+    from gptoss_nemo.train.memory_savers import MemorySavers
     from gptoss_nemo.train.step import build_training, run_global_batch
 
     cfg = model_config(args.layers, args.vocab)
     layout = ParallelLayout(tp=1, ep=args.ep, pp=1)
     me = init_distributed(layout, seed=1234)
     world = torch.distributed.get_world_size()
+    train = TrainConfig(steps=args.warmup + args.steps + 2, recompute=args.recompute,
+                        recompute_modules=args.recompute_modules, recompute_layers=args.recompute_layers)
+    opt = OptimizerConfig(lr=1e-5, warmup_steps=1, exp_avg_dtype=args.moments, exp_avg_sq_dtype=args.moments,
+                          main_params_dtype=args.main_params, main_grads_dtype=args.grads,
+                          cpu_offload_fraction=args.offload)
+    savers = MemorySavers.of(train, opt)
+    savers.check(args.impl, args.layers)
     gpt = build_rank_model(cfg, layout, RouterConfig(), impl=args.impl, calculate_per_token_loss=True,
-                           cross_entropy_loss_fusion=args.fused_ce, cross_entropy_fusion_impl="native")
-    recipe = SimpleNamespace(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=1),
-                             train=TrainConfig(steps=args.warmup + args.steps + 2))
+                           cross_entropy_loss_fusion=args.fused_ce, cross_entropy_fusion_impl="native",
+                           **savers.transformer_fields())
+    recipe = SimpleNamespace(optimizer=opt, train=train, memory=savers)
     model, optimizer, scheduler = build_training(recipe, gpt)
     if args.quant != "none":
         from gptoss_nemo.quantize import modelopt_state
@@ -180,8 +193,9 @@ def run_megatron(args) -> dict:
     tokens = mb * args.seq  # per GPU and step
     peaks = [None] * world  # every rank's peak: routing is not balanced, so expert ranks differ
     torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30)
-    planned = planned_gib(cfg, layout, world, args)
+    planned = planned_gib(cfg, layout, world, args, savers)
     out = {"impl": args.impl, "quant": args.quant, "seq": args.seq, "layers": args.layers,
+           "memory_savers": {k: v for k, v in asdict(savers).items() if v not in ((), None)},
            "ep": args.ep, "gpus": world, "micro_batches": mb, "fused_ce": args.fused_ce,
            "step_s": whole, "fwd_bwd_s": fwd_bwd / mb, "optimizer_s": whole - fwd_bwd,
            **rates(cfg, args.seq, tokens, whole, peak),
@@ -238,7 +252,20 @@ SUITE = {  # key: (name, extra arguments); one process each, so every variant st
     "te-qat": ("megatron Transformer Engine spec, QAT mxfp4", ["--impl", "te", "--quant", "mxfp4"]),
     "hf-eager": ("transformers eager", ["--impl", "hf", "--attn", "eager"]),
     "reference": ("megatron local, reference kernels", ["--impl", "reference"]),
+    # memory savers (issue 23): what each costs per step and saves, against "fused" / "te"
+    "full": ("fused, full recompute", ["--impl", "fused", "--recompute", "full"]),
+    "sel-moe": ("fused, selective recompute of the MoE block", ["--impl", "fused", "--recompute", "selective",
+                                                                  "--recompute-modules", "moe"]),
+    "bf16-states": ("fused, BF16 Adam moments", ["--impl", "fused", "--moments", "bf16"]),
+    "bf16-states-grads": ("fused, BF16 Adam moments and gradients", ["--impl", "fused", "--moments", "bf16",
+                                                                      "--grads", "bf16"]),
+    "offload-half": ("fused, half the optimizer on the CPU", ["--impl", "fused", "--offload", "0.5"]),
+    "te-full": ("TE spec, full recompute", ["--impl", "te", "--recompute", "full"]),
+    "te-moe-act": ("TE spec, selective recompute of the experts' activation and norms",
+                   ["--impl", "te", "--recompute", "selective", "--recompute-modules", "moe_act", "layernorm"]),
 }
+MEMORY_VARIANTS = ("fused", "full", "sel-moe", "bf16-states", "bf16-states-grads", "offload-half", "te", "te-full",
+                   "te-moe-act")
 PROFILED = ("fused", "te", "hf-flex")
 
 
@@ -265,7 +292,7 @@ def run_suite(args) -> dict:
             name, extra = SUITE[key]
             profile = ["--profile"] if args.profile and key in PROFILED else []
             rows.append(_child_row([sys.executable, __file__, *extra, *_shape_args(args, seq), *profile], args,
-                                   name=name, seq=seq))
+                                   name=name, seq=seq, key=key))
     summary = {"suite": True, "layers": args.layers, "rows": len(rows)}
     for seq in args.seq_list:
         by = {r["name"]: r for r in rows if r["seq"] == seq and "error" not in r}
@@ -283,6 +310,15 @@ def run_suite(args) -> dict:
             summary[f"s{seq}_mfu_fwd_bwd"] = ours["fwd_bwd_mfu"]
         if ours and qat:
             summary[f"s{seq}_qat_over_bf16_step_time"] = qat["step_s"] / ours["step_s"]
+        plain = {r["impl"]: r for r in rows if r["seq"] == seq and "error" not in r and not r.get("memory_savers")
+                 and r.get("quant") == "none" and r["key"] in ("fused", "te")}
+        for r in rows:  # each memory saver against the plain row of its implementation
+            if r["seq"] == seq and "error" not in r and r.get("memory_savers") and r["impl"] in plain:
+                base = plain[r["impl"]]
+                summary[f"s{seq}_{r['key']}"] = {"step_time_x": round(r["step_s"] / base["step_s"], 3),
+                                                 "peak_gib": round(r["peak_gib"], 2),
+                                                 "plain_peak_gib": round(base["peak_gib"], 2),
+                                                 "planned_over_peak": round(r["planned_over_peak"], 3)}
     return summary
 
 
@@ -320,8 +356,18 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--fused-ce", action="store_true", help="megatron's fused (native) cross entropy")
     p.add_argument("--profile", action="store_true", help="add a per-kernel CUDA time summary of one fwd+bwd")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="train.recompute")
+    p.add_argument("--recompute-modules", nargs="+", default=["moe"], help="train.recompute_modules (selective)")
+    p.add_argument("--recompute-layers", type=int, default=None, help="train.recompute_layers (full)")
+    p.add_argument("--moments", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="optimizer.exp_avg_dtype and exp_avg_sq_dtype")
+    p.add_argument("--main-params", choices=["fp32", "fp16"], default="fp32", help="optimizer.main_params_dtype")
+    p.add_argument("--grads", choices=["fp32", "bf16"], default="fp32", help="optimizer.main_grads_dtype")
+    p.add_argument("--offload", type=float, default=0.0, help="optimizer.cpu_offload_fraction")
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--variants", nargs="+", choices=list(SUITE), default=list(SUITE), help="what --suite runs")
+    p.add_argument("--variants", nargs="+", choices=list(SUITE), default=[k for k in SUITE if k not in MEMORY_VARIANTS
+                                                                        or k in ("fused", "te")],
+                   help=f"what --suite runs (the memory savers' rows: {' '.join(MEMORY_VARIANTS)})")
     p.add_argument("--scaling", type=int, nargs="+", metavar="GPUS", help="the megatron variant at each GPU count")
     p.add_argument("--timeout", type=int, default=900)
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import sys
 
 from gptoss_nemo import __version__
@@ -94,7 +95,7 @@ def _plan(args: argparse.Namespace) -> int:
     from gptoss_nemo.config.pipeline import PipelineRecipe, is_pipeline_recipe
     from gptoss_nemo.config.sft import SFTRecipe
     from gptoss_nemo.model.impl import resolve_impl
-    from gptoss_nemo.plan.memory import GIB, estimate, longest_fitting
+    from gptoss_nemo.plan.memory import GIB, estimate, further, longest_fitting
     from gptoss_nemo.train.sft import check_sequence_split
 
     _positive(args, "world_size", "gpu_memory_gib", "tflops")
@@ -118,12 +119,16 @@ def _plan(args: argparse.Namespace) -> int:
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True, here=False)  # the job's machine
     recipe.parallel.validate(cfg, args.world_size, te=impl.te)
     check_sequence_split(recipe.data, recipe.parallel, impl.te)
+    savers = recipe.memory
+    savers.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp, here=False)
     qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
-                          recipe.train.micro_batch_size, impl=impl.name, qat=qat)
+                          recipe.train.micro_batch_size, impl=impl.name, qat=qat, savers=savers)
     fits = mem.total <= args.gpu_memory_gib * GIB
     longest = longest_fitting(cfg, recipe.parallel, args.world_size, recipe.train.micro_batch_size,
-                              args.gpu_memory_gib * GIB, impl=impl.name, qat=qat)
+                              args.gpu_memory_gib * GIB, impl=impl.name, qat=qat, savers=savers)
+    ladder = further(cfg, recipe.parallel, args.world_size, recipe.train.micro_batch_size, args.gpu_memory_gib * GIB,
+                     impl=impl.name, qat=qat, savers=savers)
     from gptoss_nemo.train.flops import train_flops_per_token
 
     tokens = recipe.train.global_batch_size * recipe.data.seq_length
@@ -133,6 +138,8 @@ def _plan(args: argparse.Namespace) -> int:
                       "per_gpu_gib": mem.gib(),
                       "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits,
                       "seq_length": recipe.data.seq_length, "longest_seq_length_that_fits": longest,
+                      "memory_savers": {k: v for k, v in asdict(savers).items() if v not in ((), None)},
+                      "to_go_further": ladder,
                       "tokens_per_step": tokens,
                       "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops,
                       "data": None if args.no_data else _data_lengths(recipe.data)}))
@@ -140,8 +147,14 @@ def _plan(args: argparse.Namespace) -> int:
         longest_text = f"data.seq_length <= {longest} fits" if longest else "not even 1024 tokens fit"
         print(f"gptoss-nemo plan: warning: the estimate ({mem.total / GIB:.1f} GiB) exceeds {args.gpu_memory_gib} GiB "
               f"per GPU ({longest_text} with this layout and micro-batch); raise ep/pp, lower data.seq_length or "
-              "train.micro_batch_size", file=sys.stderr)
+              f"train.micro_batch_size{_ladder_text(ladder)}", file=sys.stderr)
     return 0
+
+
+def _ladder_text(ladder: list[dict]) -> str:
+    steps = [f"{x['turn_on']} -> {x['longest_seq_length_that_fits'] or 'none'}" for x in ladder]
+    return (f", or turn on (each adding to the one before; the longest sequence that then fits): {'; '.join(steps)}"
+            if steps else "")
 
 
 def _data_lengths(data) -> dict:

@@ -128,6 +128,20 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    session: a pickled callable refused by TE itself). The patched form was run only through `load_extra_state` on
    the CPU: no older TE was at hand. Upstream: NVIDIA/TransformerEngine, same file (fixed there by the guard).
 
+13. te_cp_sink_gradient — Transformer Engine 2.20 (d0067d0 and release_v2.19 alike),
+   `transformer_engine/pytorch/attention/dot_product_attention/context_parallel.py`,
+   `flash_attn_a2a_communicate_softmax_offset`: under context parallelism with the all-to-all exchange (the only one
+   that takes learnable sinks), each CP rank computes the sinks of heads / CP heads over the whole sequence, and the
+   backward all-gathers their gradient ("d_softmax_offset: all-gather from all ranks to all ranks"), so every CP rank
+   returns the complete gradient of every sink. megatron's DDP then sums gradients over the data x context-parallel
+   ranks, as is right for every other parameter (each CP rank's gradient covers its share of the tokens), and the
+   sinks' gradient comes out CP times too large. `scale_sink_gradients_over_cp` registers a hook on each TE
+   attention's `softmax_offset` that divides its gradient by CP before it is accumulated, so the reduced sum is the
+   gradient. Applied only when the installed TE gathers that gradient (its source has the all-gather) and CP > 1.
+   Found by reading the source; not run: CP needs two GPUs, and no two-GPU machine was lent (tests/gpu/RESULTS.md);
+   the hook itself is tested on the CPU. Upstream: NVIDIA/TransformerEngine and NVIDIA/Megatron-LM (no issue found
+   filed; TE's own CP test compares each rank's gradient with the single-GPU one, which the gather makes equal).
+
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
 user input, reaches its compile/exec. Keep it that way.
@@ -403,6 +417,38 @@ def _inner_torch_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):
             yield opt, inner
+
+
+_TE_SINK_GRAD_GATHER = "d_softmax_offset: all-gather from all ranks to all ranks"
+
+
+def te_gathers_sink_gradients() -> bool:
+    """Whether the installed TE's all-to-all context-parallel attention hands every CP rank the whole sinks' gradient
+    (workaround 13)."""
+    try:
+        from transformer_engine.pytorch.attention.dot_product_attention import context_parallel
+    except Exception:  # no TE: nothing to work around
+        return False
+    fn = getattr(context_parallel, "flash_attn_a2a_communicate_softmax_offset", None)
+    return fn is not None and _TE_SINK_GRAD_GATHER in inspect.getsource(fn)
+
+
+def scale_sink_gradients_over_cp(model: torch.nn.Module, cp: int, gathered: bool | None = None) -> int:
+    """Workaround 13: divide the gradient of every attention's `softmax_offset` by `cp` where TE gathers it whole on
+    every CP rank; returns the number of hooks registered. gathered=None reads the installed TE's source."""
+    if cp <= 1 or "te_cp_sink_gradient" in skipped_patches():
+        return 0
+    if not (te_gathers_sink_gradients() if gathered is None else gathered):
+        return 0
+    hooked = 0
+    for module in model.modules():
+        offset = getattr(module, "softmax_offset", None)
+        if isinstance(offset, torch.nn.Parameter) and offset.requires_grad:
+            offset.register_hook(lambda grad, cp=cp: grad / cp)
+            hooked += 1
+    if hooked:
+        _APPLIED.add("te_cp_sink_gradient")
+    return hooked
 
 
 def unshare_adamw_steps(optimizer) -> int:

@@ -189,3 +189,28 @@ def test_router_bias_kept_out_of_te_gemm(mode, expected):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].startswith(expected), r.stdout
+
+
+def test_sink_gradients_are_divided_over_context_parallel_ranks():
+    """Workaround 13: where TE hands every CP rank the whole sinks' gradient, each rank's share is 1/cp of it, so
+    DDP's sum over the CP ranks is the gradient; other parameters and CP 1 are left alone."""
+    import torch
+
+    from gptoss_nemo.compat import scale_sink_gradients_over_cp, te_gathers_sink_gradients
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(4))
+            self.other = torch.nn.Parameter(torch.zeros(4))
+
+    def grads(cp: int, gathered: bool):
+        m = torch.nn.Sequential(Attention())
+        hooked = scale_sink_gradients_over_cp(m, cp, gathered=gathered)
+        (m[0].softmax_offset * torch.arange(4.0) + m[0].other * 2).sum().backward()
+        return hooked, m[0].softmax_offset.grad.tolist(), m[0].other.grad.tolist()
+
+    assert grads(4, True) == (1, [0.0, 0.25, 0.5, 0.75], [2.0] * 4)
+    assert grads(1, True) == (0, [0.0, 1.0, 2.0, 3.0], [2.0] * 4)
+    assert grads(4, False) == (0, [0.0, 1.0, 2.0, 3.0], [2.0] * 4)
+    assert te_gathers_sink_gradients() in (True, False)  # False here without TE; the GPU tier reads TE 2.20's source

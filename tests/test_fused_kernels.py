@@ -14,7 +14,7 @@ import torch
 
 from attention_reference import dense_sink_attention
 
-from gptoss_nemo.model.flex_attention import DocumentIds, sink_attention
+from gptoss_nemo.model.flex_attention import document_ids, sink_attention
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -26,9 +26,9 @@ def test_sink_attention_matches_the_dense_definition(window, packed):
     sinks = torch.randn(heads, generator=g)
     pos = torch.cat([torch.arange(20), torch.arange(28)]).expand(b, s).clone()
     pos[1] = torch.arange(s)  # the second sequence is one document
-    docs = DocumentIds.from_position_ids(pos) if packed else None
+    docs = document_ids(pos) if packed else None
     out = sink_attention(q, k, v, sinks, 0.25, window, docs)
-    ref = dense_sink_attention(q, k, v, sinks, 0.25, window, docs.ids if packed else None)
+    ref = dense_sink_attention(q, k, v, sinks, 0.25, window, docs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if packed:  # the first query of the second document sees only itself: no leak from the first document
         alone = dense_sink_attention(q[:1, :, 20:], k[:1, :, 20:], v[:1, :, 20:], sinks, 0.25, window)
@@ -37,10 +37,28 @@ def test_sink_attention_matches_the_dense_definition(window, packed):
 
 def test_document_ids_restart_with_every_position_zero():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])
-    ids = DocumentIds.from_position_ids(pos).ids
-    assert ids.tolist() == [[1, 1, 1, 2, 2, 3, 4], [1] * 7]
+    ids = document_ids(pos)
+    assert ids.tolist() == [[1, 1, 1, 2, 2, 3, 4], [1] * 7] and ids.dtype == torch.int32
     with pytest.raises(ValueError, match="batch, seq"):
-        DocumentIds(torch.zeros(3))
+        document_ids(torch.zeros(3))
+
+
+def test_document_block_masks_are_shared_by_aliases_and_never_by_other_ids():
+    """A detached alias of the same ids (what megatron's recompute hands the attention in the backward) finds the
+    block mask built in the forward; other ids, or the same storage written in place, get their own."""
+    from gptoss_nemo.errors import ConfigError
+    from gptoss_nemo.model.flex_attention import _document_block_mask
+
+    ids = document_ids(torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    mask = _document_block_mask(ids, None, 8, 8)
+    assert _document_block_mask(ids.detach(), None, 8, 8) is mask
+    assert _document_block_mask(ids, 3, 8, 8) is not mask
+    other = document_ids(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]))
+    assert _document_block_mask(other, None, 8, 8) is not mask
+    ids[0, :] = 1
+    assert _document_block_mask(ids, None, 8, 8) is not mask
+    with pytest.raises(ConfigError, match="integer document ids"):
+        _document_block_mask(torch.ones(1, 8, dtype=torch.bool), None, 8, 8)
 
 
 SCRIPT = textwrap.dedent("""
@@ -149,7 +167,7 @@ def test_unknown_implementations_are_refused():
 
 
 def test_training_step_hands_each_implementation_its_documents():
-    """fused: DocumentIds; te: the micro-batch as one THD sequence with a segment per document (padding one
+    """fused: document ids; te: the micro-batch as one THD sequence with a segment per document (padding one
     segment per sequence, every sequence start a boundary); reference: nothing (causal)."""
     from gptoss_nemo.train.step import document_segments, model_inputs
 
@@ -160,7 +178,7 @@ def test_training_step_hands_each_implementation_its_documents():
     same, docs = model_inputs("reference", batch, "cpu")
     assert torch.equal(same["tokens"], batch["tokens"]) and docs == {"attention_mask": None}
     _, docs = model_inputs("fused", batch, "cpu")
-    assert docs["attention_mask"].ids.tolist()[0] == [1, 1, 2, 2, 2, 3, 4, 5]
+    assert docs["attention_mask"].tolist()[0] == [1, 1, 2, 2, 2, 3, 4, 5]
     same, docs = model_inputs("te", batch, "cpu")  # unpacked data: TE's attention takes the sequences as they are
     assert same["tokens"].shape == (3, 8) and docs == {"attention_mask": None}
     flat, docs = model_inputs("te", batch, "cpu", thd=True)

@@ -18,19 +18,25 @@ from gptoss_nemo.plan.memory import GIB, estimate
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name,model,gpu_gib", [("gpt_oss_20b", "gpt-oss-20b", 80),
-                                                ("gpt_oss_120b", "gpt-oss-120b", 80),
-                                                ("gpt_oss_120b_b200", "gpt-oss-120b", 180)])
-def test_shipped_recipes_validate_and_fit(name, model, gpu_gib):
+@pytest.mark.parametrize("name,model,gpu_gib,gpus,min_seq", [
+    ("gpt_oss_20b", "gpt-oss-20b", 80, 8, 32768),
+    ("gpt_oss_120b", "gpt-oss-120b", 80, 32, 8192),
+    ("gpt_oss_120b_64gpu", "gpt-oss-120b", 80, 64, 32768),
+    ("gpt_oss_120b_b200", "gpt-oss-120b", 180, 32, 8192),
+    ("gpt_oss_20b_b200", "gpt-oss-20b", 180, 8, 32768)])
+def test_shipped_recipes_validate_and_fit(name, model, gpu_gib, gpus, min_seq):
+    """Each shipped recipe on its cluster, at the sequence length issue 23 asks of it, fits the planner's estimate
+    with the memory savers it turns on (SFT and QAT stages)."""
     r = load_recipe(PipelineRecipe, RECIPES / f"{name}.yaml")
     cfg, world = preset(model), r.cluster.world_size
+    assert world == gpus and r.data.seq_length >= min_seq, (world, r.data.seq_length)
     impl = resolve_impl(r.model.impl, layout=r.parallel, training=True, here=False)  # as the job's container will
     assert impl.name == ("te" if r.parallel.tp > 1 else "fused"), impl
-    for stage in (r.sft_recipe(), r.qat_recipe()):
+    for stage, qat in ((r.sft_recipe(), False), (r.qat_recipe(), True)):  # QAT holds the fake-quantized experts too
         stage.check_layout(cfg, world, te=impl.te)
-    for stage, qat in ((r.sft, False), (r.qat, True)):  # QAT holds the fake-quantized experts too
+        stage.memory.check(impl.name, cfg.num_hidden_layers // r.parallel.pp, here=False)
         mem, _ = estimate(cfg, r.parallel, world, r.data.seq_length, stage.train.micro_batch_size, impl=impl.name,
-                          qat=qat)
+                          qat=qat, savers=stage.memory)
         assert mem.total <= gpu_gib * GIB, mem.gib()
     assert r.cluster.container_image and r.export == ["mxfp4"] and r.qat.quant.format == "mxfp4"
 

@@ -24,9 +24,21 @@ class ModelConfig:
             raise ConfigError(f"model.impl={self.impl!r}; use one of {', '.join(CHOICES)}")
 
 
+DTYPES = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe", "moe_act")  # megatron's names that apply to gpt-oss
+
+
 @dataclass(kw_only=True, slots=True)
 class OptimizerConfig:
-    """AdamW on FP32 main weights (megatron's distributed optimizer), cosine decay to min_lr after warmup."""
+    """AdamW on FP32 main weights (megatron's distributed optimizer), cosine decay to min_lr after warmup.
+
+    Lighter optimizer states (train/memory_savers.py says what each costs and what megatron runs for it):
+    exp_avg_dtype / exp_avg_sq_dtype (Adam's m and v) and main_params_dtype below fp32 turn on megatron's
+    precision-aware optimizer (Transformer Engine's FusedAdam: the NeMo container has it, whatever model.impl);
+    with it the FP32 main weights of the BF16 model are kept as 16-bit remainders (exact, 2 bytes instead of 4).
+    main_grads_dtype=bf16 accumulates and reduces gradients in BF16. cpu_offload_fraction moves that share of the
+    optimizer's states and its update to the CPU (megatron's HybridDeviceOptimizer; FP32 states)."""
 
     lr: float = 1e-5
     min_lr: float = 1e-6
@@ -36,8 +48,25 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
+    main_params_dtype: str = "fp32"
+    main_grads_dtype: str = "fp32"
+    cpu_offload_fraction: float = 0.0
 
     def __post_init__(self):
+        for name, allowed in (("exp_avg_dtype", DTYPES), ("exp_avg_sq_dtype", DTYPES),
+                              ("main_params_dtype", ("fp32", "fp16")), ("main_grads_dtype", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"optimizer.{name}={getattr(self, name)!r}; use one of {', '.join(allowed)}")
+        if not 0 <= self.cpu_offload_fraction <= 1:
+            raise ConfigError(f"optimizer.cpu_offload_fraction={self.cpu_offload_fraction} must be in [0, 1]")
+        lighter = [n for n in ("exp_avg_dtype", "exp_avg_sq_dtype", "main_params_dtype")
+                   if getattr(self, n) != "fp32"]
+        if self.cpu_offload_fraction and lighter:
+            raise ConfigError(f"optimizer.cpu_offload_fraction={self.cpu_offload_fraction} with optimizer."
+                              f"{lighter[0]}={getattr(self, lighter[0])}: megatron's CPU-offloading optimizer keeps "
+                              f"FP32 states and would ignore it; use one or the other")
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr={self.lr} must be > 0")
         if not 0 < self.min_lr <= self.lr:
@@ -61,8 +90,30 @@ class TrainConfig:
     wandb_project: str | None = None
     plots: bool = True  # loss curves and expert-load heatmap (PNG) at the end of the run
     deterministic: bool = False  # deterministic kernels (slower): resumed and uninterrupted runs match bitwise
+    recompute: str = "none"
+    """Activation recompute (megatron's): none; selective (recompute_modules in every layer); full (whole layers,
+    keeping only each layer's input: every layer, or the first recompute_layers of each pipeline stage)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["moe"])
+    """selective: megatron's modules to recompute. moe (the whole MoE block, its all-to-alls included: most of a
+    gpt-oss layer's activations), moe_act (the experts' activation; model.impl=te), layernorm, core_attn (no
+    saving with fused attention, which keeps no score matrix)."""
+    recompute_layers: int | None = None
+    """full: recompute the first N layers of each pipeline stage and keep the others' activations (megatron's
+    block method); null: every layer."""
 
     def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"train.recompute={self.recompute!r}; use one of {', '.join(RECOMPUTE)}")
+        unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown:
+            raise ConfigError(f"train.recompute_modules: {unknown[0]!r} is not a gpt-oss module megatron recomputes; "
+                              f"use some of {', '.join(RECOMPUTE_MODULES)}")
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ConfigError("train.recompute=selective with train.recompute_modules=[]: name the modules "
+                              f"({', '.join(RECOMPUTE_MODULES)}) or set train.recompute=none")
+        if self.recompute_layers is not None and (self.recompute != "full" or self.recompute_layers < 1):
+            raise ConfigError(f"train.recompute_layers={self.recompute_layers} applies to train.recompute=full and "
+                              "must be >= 1 (null: every layer)")
         for name in ("steps", "global_batch_size", "micro_batch_size", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
@@ -74,7 +125,7 @@ class TrainConfig:
 def check_batch_split(global_batch_size: int, micro_batch_size: int, dp: int, world: int | None = None) -> None:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
     if global_batch_size % (micro_batch_size * dp):
-        where = f" (world size {world} / tp*pp)" if world is not None else ""
+        where = f" (world size {world} / tp*cp*pp)" if world is not None else ""
         raise ConfigError(f"train.global_batch_size={global_batch_size} is not a multiple of train.micro_batch_size="
                           f"{micro_batch_size} x data-parallel size {dp}{where}")
 
@@ -95,9 +146,16 @@ class SFTRecipe:
             raise ConfigError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be >= 0 and below "
                               f"train.steps={self.train.steps} (warmup, then cosine decay to optimizer.min_lr)")
 
+    @property
+    def memory(self):
+        """The recipe's memory savers (recompute, optimizer states), as the training and the planner use them."""
+        from gptoss_nemo.train.memory_savers import MemorySavers
+
+        return MemorySavers.of(self.train, self.optimizer)
+
     def check_layout(self, cfg, world: int, te: bool) -> int:
         """The layout against the model and a world size, and the batch split; returns the data-parallel size."""
         self.parallel.validate(cfg, world, te=te)
-        dp = world // (self.parallel.tp * self.parallel.pp)
+        dp = self.parallel.data_parallel(world)
         check_batch_split(self.train.global_batch_size, self.train.micro_batch_size, dp, world)
         return dp

@@ -6,7 +6,7 @@ A sequence holds whole conversations ("documents") back to back, then padding. F
     loss_mask[j]   1 when tokens[j + 1] is a loss token of the same document; never across a boundary
     position_ids   restart at 0 in every document, 0 on padding: where the documents begin
     cu_seqlens     document boundaries [0, n1, n1 + n2, ..., total]
-Attention keeps the documents apart under model.impl=fused (DocumentIds from the position ids, flex attention) and
+Attention keeps the documents apart under model.impl=fused (document ids from the position ids, flex attention) and
 model.impl=te (each micro-batch as one THD sequence with cu_seqlens from the position ids, cuDNN attention with
 sinks; train/step.py), where cuDNN >= 9.26 has that attention's backward (packing under te is refused before).
 Rotary embeddings are relative, so a document attended alone sees the same thing wherever it sits in the sequence.

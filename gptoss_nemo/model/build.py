@@ -85,6 +85,10 @@ def build_model(
         vp_stage=vp_stage,
         parallel_output=parallel_output,
     )
+    if config.context_parallel_size > 1:
+        from gptoss_nemo.compat import scale_sink_gradients_over_cp
+
+        scale_sink_gradients_over_cp(model, config.context_parallel_size)
     if post_process:
         from gptoss_nemo.model import cross_entropy
 

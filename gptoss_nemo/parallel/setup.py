@@ -103,6 +103,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234) -> RankCoords:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
+        context_parallel_size=layout.cp,
         expert_tensor_parallel_size=1,  # megatron's default is ETP = TP; gpt-oss experts are never TP-split here
     )
     model_parallel_cuda_manual_seed(seed)

@@ -71,7 +71,7 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     from gptoss_nemo.evaluate.hf_eval import check_records
     from gptoss_nemo.model.impl import resolve_impl
     from gptoss_nemo.parallel.setup import env_world_size
-    from gptoss_nemo.plan.memory import estimate
+    from gptoss_nemo.plan.memory import estimate, fused_adam_here
     from gptoss_nemo.tokenizer.o200k_harmony import HARMONY_SPECIAL_TOKENS, PAD, hf_tokenizer
     from gptoss_nemo.train.sft import check_data_for_impl
 
@@ -79,15 +79,17 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     cfg, world = hf_config(recipe), env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     recipe.model.impl = impl.name
-    with stage_keys("sft"):
-        dp = recipe.sft_recipe().check_layout(cfg, world, te=impl.te)
-    if recipe.qat.enabled:
-        with stage_keys("qat"):
-            recipe.qat_recipe().check_layout(cfg, world, te=impl.te)
+    stages = [("sft", recipe.sft_recipe())] + ([("qat", recipe.qat_recipe())] if recipe.qat.enabled else [])
+    for name, stage_recipe in stages:
+        with stage_keys(name):
+            dp = stage_recipe.check_layout(cfg, world, te=impl.te)
+            stage_recipe.memory.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp)
     check_data_for_impl(recipe.data, recipe.parallel, impl)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train
-    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, t.micro_batch_size, impl=impl.name)
+    name, busiest = stages[-1]  # the QAT stage holds the most (the fake-quantized experts), when it runs
+    mem, stage = estimate(cfg, recipe.parallel, world, recipe.data.seq_length, busiest.train.micro_batch_size,
+                          impl=impl.name, qat=name == "qat", savers=busiest.memory, fused_adam=fused_adam_here())
     plan = {"run_dir": str(recipe.root), "world_size": world, "data_parallel": dp, "layout": asdict(recipe.parallel),
             "stages": status(recipe), "tokens_per_step": t.global_batch_size * recipe.data.seq_length,
             "per_gpu_gib_estimate": mem.gib(), "busiest_stage": stage, "impl": {"name": impl.name, "why": impl.why}}

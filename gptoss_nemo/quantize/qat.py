@@ -108,7 +108,8 @@ def run_ptq(recipe: QATRecipe) -> dict:
     target = out / "checkpoint"
     check_target(target, overwrite=False)
     me = init_distributed(recipe.parallel, seed=t.seed)
-    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, impl=p.impl, calculate_per_token_loss=True)
+    gpt = build_rank_model(p.cfg, recipe.parallel, recipe.router, impl=p.impl, calculate_per_token_loss=True,
+                           **recipe.memory.transformer_fields())
     load_dist_checkpoint(gpt, recipe.checkpoint)
     model = Float16Module(gpt.config, gpt)
     dp_rank = ps.get_data_parallel_rank()

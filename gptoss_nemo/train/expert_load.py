@@ -49,7 +49,8 @@ def warnings(loads: list[LayerLoad], max_share: float) -> list[str]:
 
 class RoutedTokenCounter:
     """Counts, with forward hooks on megatron's routers, the tokens each expert of each local layer is routed in
-    training forwards (evaluation forwards are left out)."""
+    training forwards (evaluation forwards are left out). Under activation recompute a layer's forward runs twice,
+    first without grad, then again in the backward with it: only the latter counts."""
 
     def __init__(self, gpt_model, num_experts: int):
         layers = gpt_model.decoder.layers
@@ -61,7 +62,7 @@ class RoutedTokenCounter:
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
-            if module.training:
+            if module.training and torch.is_grad_enabled():  # a recomputed forward runs again with grad
                 routing_map = output[1]  # [tokens, experts] booleans: the top-k choice of each token
                 self.counts[i] += routing_map.sum(dim=0).float()
         return hook

@@ -67,6 +67,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     world = env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     dp = recipe.check_layout(cfg, world, te=impl.te)
+    recipe.memory.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp)
     check_data_for_impl(recipe.data, recipe.parallel, impl)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="
@@ -88,11 +89,21 @@ def prepare(recipe: SFTRecipe) -> Prepared:
 
 
 def check_sequence_split(data, parallel, te: bool) -> None:
-    """Under TE's spec with tp > 1, sequence parallelism splits every sequence over the TP ranks (also checked by
-    `plan` and `launch`, for the job's implementation)."""
-    if te and parallel.tp > 1 and data.seq_length % parallel.tp:
-        raise ConfigError(f"data.seq_length={data.seq_length} is not divisible by parallel.tp={parallel.tp}: with "
-                          "model.impl=te and tp > 1 sequence parallelism splits every sequence over the TP ranks")
+    """Under TE's spec with tp > 1, sequence parallelism splits every sequence over the TP ranks; context
+    parallelism splits it into 2 x cp chunks first (also checked by `plan` and `launch`, for the job's
+    implementation)."""
+    if parallel.cp > 1 and data.seq_length % (2 * parallel.cp):
+        raise ConfigError(f"data.seq_length={data.seq_length} is not divisible by 2 x parallel.cp={parallel.cp}: "
+                          "context parallelism gives each CP rank two of 2 x cp equal chunks of every sequence")
+    if parallel.cp > 1 and data.packing:
+        raise ConfigError("data.packing=true with parallel.cp > 1: context parallelism here takes one conversation "
+                          "per sequence (TE's packed-sequence attention under CP needs every document padded to "
+                          "2 x cp); set data.packing=false")
+    local = data.seq_length // parallel.cp
+    if te and parallel.tp > 1 and local % parallel.tp:
+        per_rank = f"data.seq_length={data.seq_length}" + (f" / parallel.cp={parallel.cp}" if parallel.cp > 1 else "")
+        raise ConfigError(f"{per_rank} is not divisible by parallel.tp={parallel.tp}: with model.impl=te and tp > 1 "
+                          "sequence parallelism splits every sequence over the TP ranks")
 
 
 def check_data_for_impl(data, parallel, impl) -> None:
@@ -112,12 +123,13 @@ def check_data_for_impl(data, parallel, impl) -> None:
 
 def dry_run(recipe: SFTRecipe) -> dict:
     """Everything `run_sft` checks before touching a GPU, and the plan it would run: no GPU needed."""
-    from gptoss_nemo.plan.memory import estimate
+    from gptoss_nemo.plan.memory import estimate, fused_adam_here
 
     p = prepare(recipe)
     t = recipe.train
     mem, stage = estimate(p.cfg, recipe.parallel, p.world, recipe.data.seq_length, t.micro_batch_size,
-                          impl=p.impl.name)
+                          impl=p.impl.name, qat=getattr(recipe, "quant", None) is not None, savers=recipe.memory,
+                          fused_adam=fused_adam_here())
     return {"checkpoint": recipe.checkpoint, "out_dir": t.out_dir, "world_size": p.world,
             "layout": asdict(recipe.parallel), "data_parallel": p.dp,
             "micro_batches_per_step": t.global_batch_size // (t.micro_batch_size * p.dp),
@@ -174,7 +186,7 @@ def run_sft(recipe: SFTRecipe) -> dict:
     _deterministic(t.deterministic)
     me = init_distributed(recipe.parallel, seed=t.seed)
     gpt = build_rank_model(cfg, recipe.parallel, recipe.router, impl=p.impl, calculate_per_token_loss=True,
-                           deterministic_mode=t.deterministic)
+                           deterministic_mode=t.deterministic, **recipe.memory.transformer_fields())
     load_dist_checkpoint(gpt, recipe.checkpoint)
     counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
     model, optimizer, scheduler = build_training(recipe, gpt)

@@ -1,16 +1,21 @@
 """One training step and one evaluation on megatron-core: the model wrapped for training, the optimizer, the LR
 schedule, the loss reduction and the MoE auxiliary-loss report.
 
-    model      GPTModel stage -> Float16Module (BF16 params) -> DDP (gradients reduced in FP32)
+    model      GPTModel stage -> Float16Module (BF16 params) -> DDP (gradients reduced in FP32, or in BF16 with
+               optimizer.main_grads_dtype=bf16)
     optimizer  megatron's distributed optimizer: AdamW (decoupled weight decay) on FP32 main weights sharded
-               over the data-parallel ranks, gradient clipping on the global norm
+               over the data-parallel ranks, gradient clipping on the global norm; lighter states and CPU offload
+               as the recipe's memory savers say (train/memory_savers.py)
     schedule   OptimizerParamScheduler: linear warmup from 0, cosine decay to min_lr at the last step
     step       get_forward_backward_func() over the micro-batches of one global batch (PP schedules included),
                per-token loss: the LM loss is the mean over every loss token of the global batch, whatever the
                micro-batch and data-parallel split (calculate_per_token_loss; megatron scales the router's aux
                loss gradients to match)
+    context    with parallel.cp > 1 each CP rank takes two of 2 x cp chunks of every sequence
+               (`context_parallel_share`); megatron slices RoPE and TE's attention exchanges heads to match,
+               and the per-token loss adds up over DP x CP ranks
     documents  packed conversations (data/packing.py) stay apart in attention: the fused local kernels take
-               DocumentIds as the attention mask; TE's spec takes a micro-batch that packs several documents into
+               document ids [b, s] as the attention mask; TE's spec takes a micro-batch that packs several documents into
                a sequence as one THD sequence, its documents delimited by cu_seqlens (PackedSeqParams), and one of
                single documents (data.packing=false) as it is (causal, the padding after each document); megatron's
                reference modules see one causal sequence (documents attend to earlier ones: the baseline only)
@@ -72,7 +77,7 @@ def thd_params(position_ids: torch.Tensor, device):
 def model_inputs(impl: str, cpu_batch: dict[str, torch.Tensor], device, thd: bool = False) -> tuple[dict, dict]:
     """(the micro-batch on `device` as the model takes it, the model's document arguments) for implementation
     `impl`. TE with packed documents (thd): the micro-batch flattened into one THD sequence [1, b*s] with
-    cu_seqlens; fused: DocumentIds."""
+    cu_seqlens; fused: document ids [b, s]."""
     thd = thd and impl == "te"
     if thd:
         packed = thd_params(cpu_batch["position_ids"], device)
@@ -81,14 +86,32 @@ def model_inputs(impl: str, cpu_batch: dict[str, torch.Tensor], device, thd: boo
     if thd:
         return batch, {"attention_mask": None, "packed_seq_params": packed}
     if impl == "fused":
-        from gptoss_nemo.model.flex_attention import DocumentIds
+        from gptoss_nemo.model.flex_attention import document_ids
 
-        return batch, {"attention_mask": DocumentIds.from_position_ids(batch["position_ids"])}
+        return batch, {"attention_mask": document_ids(batch["position_ids"])}
     return batch, {"attention_mask": None}
 
 
+def context_parallel_share(cpu_batch: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's part of every [b, s] tensor of a micro-batch: the sequence cut into 2 x cp equal
+    chunks, rank r keeping chunks r and 2cp - 1 - r (megatron's load balancing for causal attention, the order its
+    RoPE and TE's all-to-all attention assume)."""
+    if cp == 1:
+        return cpu_batch
+    out = {}
+    for key, value in cpu_batch.items():
+        b, s = value.shape[:2]
+        chunks = value.reshape(b, 2 * cp, s // (2 * cp), *value.shape[2:])
+        out[key] = torch.cat([chunks[:, rank], chunks[:, 2 * cp - 1 - rank]], dim=1)
+    return out
+
+
 def forward_step(data_iterator, model, thd: bool = False):
-    batch, documents = model_inputs(impl_of(model), next(data_iterator), torch.cuda.current_device(), thd)
+    from megatron.core import parallel_state as ps
+
+    cpu_batch = context_parallel_share(next(data_iterator), ps.get_context_parallel_world_size(),
+                                       ps.get_context_parallel_rank())
+    batch, documents = model_inputs(impl_of(model), cpu_batch, torch.cuda.current_device(), thd)
     output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], **documents)
     return output, partial(loss_func, batch["loss_mask"])
 
@@ -100,20 +123,22 @@ def build_training(recipe: SFTRecipe, model):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
 
-    config = model.config
+    config, savers = model.config, recipe.memory
     experts_in_their_own_optimizer(model)
     model = Float16Module(config, model)
     # overlap_param_gather stays off: it waits for gathered weights in each module's forward pre-hook, and the fused
     # grouped-GEMM experts read their linears' weights without calling those modules (model/grouped_experts.py).
     model = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=savers.grad_reduce_in_fp32,
+                                              use_distributed_optimizer=True,
                                               overlap_grad_reduce=False, overlap_param_gather=False,
                                               check_for_nan_in_grad=True), model)
     o, steps = recipe.optimizer, recipe.train.steps
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-                        bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True),
+                        bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,
+                        **savers.optimizer_fields()),
         [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,

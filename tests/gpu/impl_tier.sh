@@ -5,6 +5,11 @@
 #                                                        quickstart lanes
 #   bash tests/gpu/impl_tier.sh bench LOG_DIR SECONDS   benchmarks/train_step.py --suite alone on the GPU (TE rows
 #                                                        included), then the BF16 diagnosis and the fused import lane
+#   bash tests/gpu/impl_tier.sh savers LOG_DIR SECONDS  the memory savers (issue 23): recompute under fused, te and
+#                                                        reference; lighter optimizer states over 200 tiny steps and
+#                                                        their resume (TE must import: FusedAdam)
+#   bash tests/gpu/impl_tier.sh savers-plan LOG_DIR SECONDS  the planner against measured peaks with each saver, and
+#                                                        their step-time cost (benchmarks/train_step.py rows), alone
 # FP32 parity under TE needs NVIDIA_TF32_OVERRIDE=0 (TE's FP32 GEMMs run in TF32 otherwise); BF16 is unaffected.
 # Environment: megatron-core / modelopt wheels and TE on PYTHONPATH, GPTOSS_NEMO_TOKENIZER_DIR (tiny_ckpt.py).
 set -uo pipefail
@@ -26,6 +31,18 @@ case $part in
       "te-pipeline=GPU_TESTS_IMPL=te $P $G/test_pipeline_gpu.py" \
       "fused-pipeline=GPU_TESTS_IMPL=fused $P $G/test_pipeline_gpu.py" \
       "fused-sft=$FU $P $G/test_sft_gpu.py -k 'one_gpu_learns or sigkill or (bf16_parity and ep1)'"
+    ;;
+  savers)
+    S=$G/test_memory_savers_gpu.py
+    bash $G/side_by_side.sh "$logs" "$limit" \
+      "recompute-fused=$FU $P $S -k recompute" \
+      "recompute-te=$TE $P $S -k recompute" \
+      "recompute-reference=GPU_TESTS_IMPL=reference $P $S -k recompute" \
+      "states-200=$FU GPU_TESTS_JOBS_PER_GPU=5 $P $S -k 200_tiny" \
+      "states-resume=$FU $P $S -k resume"
+    ;;
+  savers-plan)
+    bash $G/side_by_side.sh "$logs" "$limit" "plan-savers=$P $G/test_plan_gpu.py -k memory_savers"
     ;;
   bench)
     mkdir -p "$logs"

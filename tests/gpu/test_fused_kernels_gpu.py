@@ -10,7 +10,7 @@ import torch
 from attention_reference import dense_sink_attention
 
 from gptoss_nemo.model.build import build_model, transformer_config
-from gptoss_nemo.model.flex_attention import DocumentIds, FlexSinkAttention
+from gptoss_nemo.model.flex_attention import FlexSinkAttention, document_ids
 from gptoss_nemo.model.megatron_config import RouterConfig
 from gptoss_nemo.model.presets import tiny
 
@@ -86,14 +86,14 @@ def test_flex_attention_keeps_packed_documents_apart(megatron_parallel):
               for n in (heads, groups, groups)]
     pos = torch.cat([torch.arange(300), torch.arange(500), torch.arange(224)]).to("cuda").expand(b, s).clone()
     pos[1] = torch.arange(s, device="cuda")
-    docs = DocumentIds.from_position_ids(pos)
+    docs = document_ids(pos)
     xs = [t.clone().requires_grad_() for t in leaves]
     out = fused(*xs, attention_mask=docs)
     out.float().square().sum().backward()
     xd = [t.clone().double().requires_grad_() for t in leaves]
     sink = fused.softmax_offset.detach().double().requires_grad_()
     q, k, v = (t.permute(1, 2, 0, 3) for t in xd)
-    truth = dense_sink_attention(q, k, v, sink, d ** -0.5, None, docs.ids).permute(2, 0, 1, 3).reshape(s, b, -1)
+    truth = dense_sink_attention(q, k, v, sink, d ** -0.5, None, docs).permute(2, 0, 1, 3).reshape(s, b, -1)
     truth.square().sum().backward()
     errs = [rel(out, truth)] + [rel(a.grad, c.grad) for a, c in zip(xs, xd)] + [rel(fused.softmax_offset.grad, sink.grad)]
     print("RESULT flex attention, 3 packed documents: rel. error vs float64 (out, dq, dk, dv, dsink) "

@@ -39,3 +39,29 @@ def test_planner_within_20_percent_of_measured_peak_20b_shaped(tmp_path):
             "ratio": plan["per_gpu_gib"]["total"] / peak, "step_seconds": [r["seconds"] for r in rows],
             "tokens_per_s_per_gpu": [r["tokens_per_s_per_gpu"] for r in rows]})
     assert abs(plan["per_gpu_gib"]["total"] / peak - 1) <= 0.2, (plan, peak)
+
+
+def test_planner_within_10_percent_with_memory_savers():
+    """benchmarks/train_step.py's memory-saver rows (gpt-oss-20b widths, 2 layers, one GPU, sequence 8192, two
+    micro-batches): each row's measured peak against the planner's estimate for the same run, and its step time
+    against the plain row of its implementation (the rows go to benchmarks/RESULTS.md)."""
+    import sys
+    from pathlib import Path
+
+    from gptoss_nemo.model.impl import te_problem
+
+    bench = Path(__file__).parents[2] / "benchmarks" / "train_step.py"
+    sys.path.insert(0, str(bench.parent))
+    from train_step import MEMORY_VARIANTS
+
+    variants = [v for v in MEMORY_VARIANTS if te_problem() is None or not v.startswith("te")]
+    r = run_python(str(bench), "--suite", "--variants", *variants, "--seq", "8192", "--steps", "3", "--warmup", "2",
+                   "--micro-batches", "2", "--timeout", "300", timeout=590)
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"impl"') or x.startswith('{"error"')]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    result("memory savers: planner vs measured peak, step time vs the plain row (20b widths, 2 layers, seq 8192)",
+           {"rows": [{k: row.get(k) for k in ("key", "step_s", "peak_gib", "planned_over_peak", "error")}
+                     for row in rows], "summary": summary})
+    assert len(rows) == len(variants) and not [row for row in rows if "error" in row], rows
+    for row in rows:
+        assert abs(row["planned_over_peak"] - 1) <= 0.10, row
