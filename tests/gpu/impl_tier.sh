@@ -7,7 +7,8 @@
 #                                                        included), then the BF16 diagnosis and the fused import lane
 #   bash tests/gpu/impl_tier.sh savers LOG_DIR SECONDS  the memory savers (issue 23): recompute under fused, te and
 #                                                        reference; lighter optimizer states over 200 tiny steps and
-#                                                        their resume (TE must import: FusedAdam)
+#                                                        their resume (TE must import: FusedAdam); the planner
+#                                                        rows too (their memory; step times shared with the lanes)
 #   bash tests/gpu/impl_tier.sh savers-plan LOG_DIR SECONDS  the planner against measured peaks with each saver, and
 #                                                        their step-time cost (benchmarks/train_step.py rows), alone
 # FP32 parity under TE needs NVIDIA_TF32_OVERRIDE=0 (TE's FP32 GEMMs run in TF32 otherwise); BF16 is unaffected.
@@ -39,9 +40,10 @@ case $part in
       "recompute-te=$TE $P $S -k recompute" \
       "recompute-reference=GPU_TESTS_IMPL=reference $P $S -k recompute" \
       "states-200=$FU GPU_TESTS_JOBS_PER_GPU=5 $P $S -k 200_tiny" \
-      "states-resume=$FU $P $S -k resume"
+      "states-resume=$FU $P $S -k resume" \
+      "plan-savers=GPU_TESTS_SAVER_VARIANTS='fused full sel-moe bf16-states-grads offload-half te te-full' $P $G/test_plan_gpu.py -k memory_savers"
     ;;
-  savers-plan)
+  savers-plan)  # alone on the GPU: the step times are the benchmark's
     bash $G/side_by_side.sh "$logs" "$limit" "plan-savers=$P $G/test_plan_gpu.py -k memory_savers"
     ;;
   bench)
