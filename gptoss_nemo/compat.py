@@ -142,6 +142,14 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    the hook itself is tested on the CPU. Upstream: NVIDIA/TransformerEngine and NVIDIA/Megatron-LM (no issue found
    filed; TE's own CP test compares each rank's gradient with the single-GPU one, which the gather makes equal).
 
+14. checkpoint_without_output_fp8 — megatron-core 0.19.2, `megatron/core/tensor_parallel/random.py`,
+   `CheckpointWithoutOutput.__init__(self, fp8=False)`: `self.fp8 = fp8 is not None` is True for the default
+   `fp8=False`, so its forward calls TE's `FP8GlobalStateManager`, which is not imported where TE is absent:
+   `train.recompute=selective` with `layernorm` (megatron's norm recompute builds it with no argument) fails with
+   "NameError: name 'FP8GlobalStateManager' is not defined" on every machine without TE (seen on an H100, fused
+   and reference implementations, TE not installed). With TE it only asks TE whether FP8 is on (no). The patch
+   treats `fp8=False` like None. Upstream: NVIDIA/Megatron-LM, same file.
+
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
 user input, reaches its compile/exec. Keep it that way.
@@ -300,7 +308,18 @@ def _patch_dcp_restricted_unpickle() -> bool:
     return metadata or load_bytes
 
 
+_CKPT_FP8 = "self.fp8 = fp8 is not None"
+
+
+def _patch_checkpoint_without_output_fp8() -> bool:
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    return _rewrite_method(CheckpointWithoutOutput, "__init__", _CKPT_FP8,
+                           "self.fp8 = fp8 is not None and fp8 is not False")
+
+
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
+            "checkpoint_without_output_fp8": _patch_checkpoint_without_output_fp8,
             "dcp_restricted_unpickle": _patch_dcp_restricted_unpickle,
             "te_extra_state_unpickle": _patch_te_extra_state_unpickle,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,

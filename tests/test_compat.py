@@ -214,3 +214,15 @@ def test_sink_gradients_are_divided_over_context_parallel_ranks():
     assert grads(1, True) == (0, [0.0, 1.0, 2.0, 3.0], [2.0] * 4)
     assert grads(4, False) == (0, [0.0, 1.0, 2.0, 3.0], [2.0] * 4)
     assert te_gathers_sink_gradients() in (True, False)  # False here without TE; the GPU tier reads TE 2.20's source
+
+
+def test_checkpoint_without_output_default_is_not_fp8():
+    """Workaround 14: megatron's norm recompute builds CheckpointWithoutOutput() (fp8=False), which the installed
+    megatron-core takes for FP8 and then asks TE's FP8 state, absent without TE."""
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    assert "checkpoint_without_output_fp8" in apply_megatron_patches()
+    assert CheckpointWithoutOutput().fp8 is False and CheckpointWithoutOutput(fp8=None).fp8 is False
+    assert CheckpointWithoutOutput(fp8="mxfp8").fp8 is True

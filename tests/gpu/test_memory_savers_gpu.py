@@ -50,7 +50,10 @@ def _build(impl: str, savers: MemorySavers, state=None):
     hf = tiny()
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(1234)
-    model = build_model(hf, transformer_config(hf, RouterConfig(), impl=impl, **savers.transformer_fields()))
+    # deterministic kernels (megatron's MoE scatter included): BF16 atomics otherwise move the hidden states from
+    # run to run, enough to flip near-tie routings (seen: 0.1-0.3 relative on the router biases' gradients)
+    model = build_model(hf, transformer_config(hf, RouterConfig(), impl=impl, deterministic_mode=True,
+                                               **savers.transformer_fields()))
     if state is not None:
         model.load_state_dict(state)
     return hf, model.train()
@@ -83,9 +86,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture
+def deterministic():
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 @pytest.mark.parametrize("mode", ["selective", "selective-moe", "full", "full-block"])
-def test_recompute_gives_the_plain_run_exactly(megatron_parallel, mode, quant):
+def test_recompute_gives_the_plain_run_exactly(megatron_parallel, deterministic, mode, quant):
     """Under the tier's implementation ($GPU_TESTS_IMPL): fused, te or reference."""
     impl = IMPL
     if quant and impl == "reference":
@@ -98,7 +112,7 @@ def test_recompute_gives_the_plain_run_exactly(megatron_parallel, mode, quant):
         for m in (plain, recomputed):
             modelopt_state.quantize(m, quant)
     l0, g0, c0 = _loss_grads_counts(plain, hf, impl)
-    l0b, g0b, _ = _loss_grads_counts(plain, hf, impl)
+    l0b, g0b, c0b = _loss_grads_counts(plain, hf, impl)
     l1, g1, c1 = _loss_grads_counts(recomputed, hf, impl)
     assert set(g1) == set(g0)
     spread = max(_rel(g0b[n], g0[n]) for n in g0)
@@ -109,10 +123,14 @@ def test_recompute_gives_the_plain_run_exactly(megatron_parallel, mode, quant):
            f"impl={impl}, {quant or 'bf16'}", {
                "loss": [l0, l1], "loss_diff": abs(l1 - l0), "max_grad_rel_diff": diff, "worst_param": worst,
                "plain_run_to_run_spread": spread, "bitwise_equal_grads": f"{bitwise}/{len(g0)}",
-               "routed_tokens_equal": bool(torch.equal(c0, c1)), "routed_tokens": int(c1.sum().item())})
+               "routed_tokens_equal": bool(torch.equal(c0, c1)), "plain_routed_tokens_equal": bool(torch.equal(c0, c0b)),
+               "routed_tokens": int(c1.sum().item())})
     assert abs(l1 - l0) <= max(2 * abs(l0b - l0), 1e-4 * abs(l0))
     assert diff <= max(2 * spread, 1e-3), (worst, diff, spread)
-    assert torch.equal(c0, c1) and c1.sum().item() == 2 * 512 * hf.num_experts_per_tok * hf.num_hidden_layers
+    # each token counted once per layer (the no-grad first pass of a recomputed block is not counted), and the
+    # routing as stable as the plain run's own
+    assert c1.sum().item() == 2 * 512 * hf.num_experts_per_tok * hf.num_hidden_layers
+    assert (c1 - c0).abs().sum() <= max((c0b - c0).abs().sum(), 0), (c0, c1, c0b)
 
 
 STATES = {  # name: overrides; each against "fp32"
