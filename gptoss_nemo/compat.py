@@ -113,8 +113,11 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    such metadata holds (torch.distributed.checkpoint's metadata classes, torch.Size, dtypes, layouts, paths) and
    refuses anything else, and loads the byte items with `weights_only=True` (what megatron's own common-state
    reader already does; checkpoints written by this package hold only tensors, numbers, strings and containers
-   there). A refused file is an UnpicklingError naming the global it asked for. Upstream: pytorch/pytorch, same
-   files (DCP's metadata is a pickle by design).
+   there). A refused file is an UnpicklingError naming the global it asked for. The one exception: the optimizer
+   classes megatron's CPU-offloading optimizer keeps in its param groups (`optimizer_classes`: torch's AdamW, Adam,
+   SGD and TE's FusedAdam, FusedSGD), allowed by name so that an `optimizer.cpu_offload_fraction` run resumes
+   (GPU tier, thirteenth session: refused with "Unsupported global: torch.optim.adamw.AdamW" before). Upstream:
+   pytorch/pytorch, same files (DCP's metadata is a pickle by design).
 
 12. te_extra_state_unpickle — Transformer Engine 2.x before its own guard, `transformer_engine/pytorch/module/base.py`,
    `TransformerEngineBaseModule.set_extra_state`: `state = pickle.loads(state.detach().numpy(force=True).tobytes())`
@@ -297,8 +300,24 @@ _BYTES_ANY_PICKLE = "weights_only=False"
 _BYTES_WEIGHTS_ONLY = "weights_only=True"
 
 
+def optimizer_classes() -> list[type]:
+    """The optimizer classes megatron's CPU-offloading optimizer (HybridDeviceOptimizer) keeps in its param groups
+    (`cpu_optimizer_cls`, `gpu_optimizer_cls`), and so in a training checkpoint's byte items: allowed by the
+    weights-only load of workaround 11 (a class reference, resolved by name; nothing else of a pickle's code runs)."""
+    classes: list[type] = [torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD]
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam, FusedSGD
+
+        classes += [FusedAdam, FusedSGD]
+    except Exception:  # no Transformer Engine
+        pass
+    return classes
+
+
 def _patch_dcp_restricted_unpickle() -> bool:
     from torch.distributed.checkpoint import default_planner, filesystem
+
+    torch.serialization.add_safe_globals(optimizer_classes())
 
     filesystem._gptoss_nemo_restricted_load = restricted_load
     metadata = _rewrite_method(filesystem.FileSystemReader, "read_metadata", _PICKLE_METADATA, _RESTRICTED_METADATA)

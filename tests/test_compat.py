@@ -226,3 +226,26 @@ def test_checkpoint_without_output_default_is_not_fp8():
     assert "checkpoint_without_output_fp8" in apply_megatron_patches()
     assert CheckpointWithoutOutput().fp8 is False and CheckpointWithoutOutput(fp8=None).fp8 is False
     assert CheckpointWithoutOutput(fp8="mxfp8").fp8 is True
+
+
+def test_offloading_optimizer_classes_load_weights_only():
+    """Workaround 11's exception: megatron's HybridDeviceOptimizer keeps its optimizer classes in its param groups,
+    so its checkpoint's byte items name torch.optim.AdamW; a weights-only load takes them, and still refuses code."""
+    import io
+    import os
+
+    import pytest
+    import torch
+
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    apply_megatron_patches()
+    buf = io.BytesIO()
+    torch.save({"param_groups": [{"cpu_optimizer_cls": torch.optim.AdamW, "lr": 1e-5}]}, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["param_groups"][0]["cpu_optimizer_cls"] is torch.optim.AdamW
+    bad = io.BytesIO()
+    torch.save({"x": os.system}, bad)
+    bad.seek(0)
+    with pytest.raises(Exception, match="system"):
+        torch.load(bad, weights_only=True)

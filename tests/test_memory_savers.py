@@ -60,7 +60,7 @@ def test_what_megatron_is_given():
                                                            main_grads_dtype="bf16"))
     opt = light.optimizer_fields()
     assert opt["use_precision_aware_optimizer"] and str(opt["exp_avg_dtype"]) == "torch.bfloat16"
-    assert opt["store_param_remainders"] and not light.grad_reduce_in_fp32
+    assert not opt["store_param_remainders"] and not light.grad_reduce_in_fp32
     off = MemorySavers.of(TrainConfig(), OptimizerConfig(cpu_offload_fraction=0.25)).optimizer_fields()
     assert off["optimizer_cpu_offload"] and off["optimizer_offload_fraction"] == 0.25
 
@@ -93,7 +93,7 @@ def test_the_planner_counts_each_saver():
     one_layer = (plain.activations - logits) / layers
     assert full.activations == pytest.approx(logits + layers * 2 * t * h + one_layer)
     bf16 = plan(exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16", main_grads_dtype="bf16")
-    assert bf16.optimizer == pytest.approx(plain.optimizer * 6 / 12) and bf16.gradients == plain.gradients / 2
+    assert bf16.optimizer == pytest.approx(plain.optimizer * 8 / 12) and bf16.gradients == plain.gradients / 2
     assert bf16.optimizer_step == 0 and plain.optimizer_step > 0  # TE's FusedAdam has no FP32 temporary
     off = plan(cpu_offload_fraction=0.5)
     assert off.optimizer == pytest.approx(plain.optimizer / 2)
@@ -159,3 +159,49 @@ def test_the_planner_divides_activations_over_context_parallel_ranks():
     two = estimate(cfg, ParallelLayout(tp=2, cp=2, ep=8, pp=4), 64, 32768, 1, impl="te")[0]
     assert two.activations == pytest.approx(one.activations / 2, rel=1e-6)
     assert two.optimizer == pytest.approx(one.optimizer)  # dense states sharded over DP x CP = the same ranks
+
+
+CP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2)
+from megatron.core import parallel_state as ps
+ps.initialize_model_parallel(1, 1, context_parallel_size=2)
+from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.models.common.embeddings import rope_utils
+from gptoss_nemo.train.step import context_parallel_share
+class _Cpu:
+    def __init__(self, t): self.t = t
+    def cuda(self, **kw): return self.t
+s = 16
+batch = {"tokens": torch.arange(2 * s).view(2, s), "labels": torch.arange(2 * s).view(2, s) + 1,
+         "loss_mask": torch.ones(2, s), "position_ids": torch.arange(s).expand(2, s).contiguous()}
+ours = context_parallel_share(batch, ps.get_context_parallel_world_size(), ps.get_context_parallel_rank())
+theirs = get_batch_on_this_cp_rank({k: v.clone() for k, v in batch.items()}, is_hybrid_cp=False,
+                                   cp_group=ps.get_context_parallel_group())
+assert all(torch.equal(ours[k], theirs[k]) for k in batch), (ours, theirs)
+real_tensor = torch.tensor  # megatron builds its 2 chunk indices in pinned memory and moves them to the GPU
+rope_utils.torch = type("T", (), {"tensor": staticmethod(lambda data, **kw: _Cpu(real_tensor(data)))})
+rope = rope_utils.get_pos_emb_on_this_cp_rank(torch.arange(s, dtype=torch.float32).view(s, 1, 1, 1), 0,
+                                              ps.get_context_parallel_group())
+assert torch.equal(rope.view(-1).long(), ours["position_ids"][0]), (rope.view(-1), ours["position_ids"][0])
+print("cp rank", rank, "ok", ours["position_ids"][0].tolist())
+"""
+
+
+def test_context_parallel_share_is_megatrons_split_and_its_rope_slice():
+    """Two gloo processes as CP ranks: each rank's share of a micro-batch equals megatron's own split
+    (get_batch_on_this_cp_rank) and the positions megatron's RoPE slices for that rank."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", CP_SCRIPT, str(r), "29641"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "cp rank 0 ok [0, 1, 2, 3, 12, 13, 14, 15]" in outs[0][0]
+    assert "cp rank 1 ok [4, 5, 6, 7, 8, 9, 10, 11]" in outs[1][0]

@@ -35,8 +35,7 @@ class OptimizerConfig:
 
     Lighter optimizer states (train/memory_savers.py says what each costs and what megatron runs for it):
     exp_avg_dtype / exp_avg_sq_dtype (Adam's m and v) and main_params_dtype below fp32 turn on megatron's
-    precision-aware optimizer (Transformer Engine's FusedAdam: the NeMo container has it, whatever model.impl);
-    with it the FP32 main weights of the BF16 model are kept as 16-bit remainders (exact, 2 bytes instead of 4).
+    precision-aware optimizer (Transformer Engine's FusedAdam: the NeMo container has it, whatever model.impl).
     main_grads_dtype=bf16 accumulates and reduces gradients in BF16. cpu_offload_fraction moves that share of the
     optimizer's states and its update to the CPU (megatron's HybridDeviceOptimizer; FP32 states)."""
 

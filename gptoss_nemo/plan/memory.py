@@ -34,8 +34,8 @@ copy of each layer's expert weights the same way (the fake-quantized ones under 
 without QAT.
 Memory savers (train/memory_savers.py, the same object the training runs with):
     gradients  2 bytes per held parameter with optimizer.main_grads_dtype=bf16
-    optimizer  precision-aware: 2 (master weight as 16-bit remainders, or FP16) + 2 or 4 each for m and v per
-               shard parameter, and no FP32 update temporary (TE's FusedAdam); CPU offload of a fraction f:
+    optimizer  precision-aware: 4 (FP32 master weight) or 2 (FP16) + 2 or 4 each for m and v per shard parameter,
+               and no FP32 update temporary (TE's FusedAdam); CPU offload of a fraction f:
                12 (1 - f) on the GPU
     recompute  full: a recomputed layer keeps its input (2TH, divided by TP under sequence parallelism); selective
                moe: the MoE block keeps its input (the pre-MLP norm's output) only; moe_act: no activation output

@@ -11,8 +11,11 @@
         default               FP32 main weight, m and v: 12 bytes; the FP32 gradient buffer holds 4 per held
                               parameter
         precision-aware       exp_avg_dtype / exp_avg_sq_dtype / main_params_dtype below fp32: Transformer Engine's
-                              FusedAdam keeps m and v in that dtype (2 bytes each) and the master weights as 16-bit
-                              remainders of the BF16 weights (exact FP32, 2 bytes; fp16 masters: 2 bytes, lossy)
+                              FusedAdam keeps m and v in that dtype (2 bytes each) and FP32 master weights (4;
+                              fp16 masters: 2, lossy). Not megatron's 16-bit remainders of the BF16 weights
+                              (store_param_remainders, 2 bytes, exact): a checkpoint of them does not load back
+                              (megatron-core 0.19.2 + TE 2.20.2, `fully_reshardable`: TE's set_scaled_state asserts
+                              an int16 master_param and gets the FP32 one; GPU tier, thirteenth session)
         main_grads_dtype=bf16 the gradient buffer and its reduction in BF16 (2 bytes per held parameter)
         cpu_offload_fraction  that share of the shard's FP32 states and their update on the CPU (megatron's
                               HybridDeviceOptimizer, torch's AdamW there, TE's FusedAdam on the GPU part)
@@ -97,7 +100,7 @@ class MemorySavers:
             return {}
         fields = {"use_precision_aware_optimizer": True, "exp_avg_dtype": dtype[self.exp_avg_dtype],
                   "exp_avg_sq_dtype": dtype[self.exp_avg_sq_dtype], "main_params_dtype": dtype[self.main_params_dtype],
-                  "main_grads_dtype": dtype[self.main_grads_dtype], "store_param_remainders": True}
+                  "main_grads_dtype": dtype[self.main_grads_dtype], "store_param_remainders": False}
         if self.cpu_offload_fraction:
             fields |= {"optimizer_cpu_offload": True, "optimizer_offload_fraction": self.cpu_offload_fraction,
                        "overlap_cpu_optimizer_d2h_h2d": True}
@@ -119,4 +122,4 @@ class MemorySavers:
             return 12 * (1 - self.cpu_offload_fraction)
         if not self.precision_aware:
             return 12
-        return 2 + BYTES[self.exp_avg_dtype] + BYTES[self.exp_avg_sq_dtype]
+        return BYTES[self.main_params_dtype] + BYTES[self.exp_avg_dtype] + BYTES[self.exp_avg_sq_dtype]
