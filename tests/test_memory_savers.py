@@ -205,3 +205,21 @@ def test_context_parallel_share_is_megatrons_split_and_its_rope_slice():
         assert p.returncode == 0, err[-3000:]
     assert "cp rank 0 ok [0, 1, 2, 3, 12, 13, 14, 15]" in outs[0][0]
     assert "cp rank 1 ok [4, 5, 6, 7, 8, 9, 10, 11]" in outs[1][0]
+
+
+def test_plan_names_what_to_turn_on_next():
+    """`plan`'s ladder: each saver not yet on, then context parallelism while the layout allows it (TE's spec), each
+    with a longer sequence than the step before."""
+    from gptoss_nemo.plan.memory import further
+
+    cfg, layout = gpt_oss_120b(), ParallelLayout(tp=2, ep=8, pp=4)
+    steps = further(cfg, layout, 32, 1, 80 * GIB, impl="te", qat=True)
+    names = [s["turn_on"].split()[0] for s in steps]
+    assert names == ["train.recompute=full", "optimizer.exp_avg_dtype=bf16", "optimizer.main_grads_dtype=bf16",
+                     "parallel.cp=2", "parallel.cp=4"]  # cp 8 would need tp x cp | 8 KV heads: 16 does not
+    lengths = [s["longest_seq_length_that_fits"] or 0 for s in steps]
+    assert lengths == sorted(lengths) and lengths[0] > 1024
+    done = further(cfg, layout, 32, 1, 80 * GIB, impl="fused", qat=True,
+                   savers=MemorySavers(recompute="full", exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16",
+                                       main_grads_dtype="bf16"))
+    assert done == []  # all on, and no context parallelism outside TE's spec

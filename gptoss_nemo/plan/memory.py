@@ -234,9 +234,12 @@ LADDER = (  # what to turn on next, in the order that costs least per step (benc
 
 def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_batch: int, budget: float,
             impl: str = "fused", qat: bool = False, savers: MemorySavers = MemorySavers()) -> list[dict]:
-    """The savers not yet on, added one after another (LADDER): for each, the overrides that turn it on and the
+    """The savers not yet on, added one after another (LADDER), then context parallelism doubled while the layout
+    allows it on this world size (Transformer Engine's spec only): for each, the overrides that turn it on and the
     longest sequence that then fits."""
     import dataclasses
+
+    from gptoss_nemo.errors import ConfigError
 
     out = []
     for overrides, change in LADDER:
@@ -245,4 +248,15 @@ def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_ba
         savers = dataclasses.replace(savers, **change)
         out.append({"turn_on": overrides, "longest_seq_length_that_fits": longest_fitting(
             cfg, layout, world_size, micro_batch, budget, impl=impl, qat=qat, savers=savers)})
+    while impl == "te":
+        wider = dataclasses.replace(layout, cp=layout.cp * 2)
+        try:
+            wider.validate(cfg, world_size, te=True)
+        except ConfigError:
+            break
+        layout = wider
+        out.append({"turn_on": f"parallel.cp={layout.cp} data.packing=false (data parallel "
+                               f"{layout.data_parallel(world_size)}; context parallelism is not yet proven on GPUs)",
+                    "longest_seq_length_that_fits": longest_fitting(cfg, layout, world_size, micro_batch, budget,
+                                                                    impl=impl, qat=qat, savers=savers)})
     return out
