@@ -60,7 +60,7 @@ def test_dry_run_job_with_two_tasks(tiny_ckpt_meta, tmp_path, capsys, monkeypatc
                  "cluster.time=00:15:00", "cluster.stop_before_limit_s=60", "--dry-run", "--submit",
                  "--local-spec"]) == 0
     plan = _submitted_plan("sft", run, capsys.readouterr().out)
-    assert plan["world_size"] == 2 and plan["data_parallel"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1}
+    assert plan["world_size"] == 2 and plan["data_parallel"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1, "cp": 1}
     assert plan["data"]["lines"] == 64 and plan["data"]["bad"] == 0 and plan["micro_batches_per_step"] == 2
     assert "--requeue" not in (run / "launch" / "sft.sbatch").read_text()
 
@@ -75,5 +75,5 @@ def test_pipeline_dry_run_job(tmp_path, capsys, monkeypatch):
                  "cluster.gpus_per_node=2", "parallel.ep=2", "cluster.time=00:15:00", "cluster.stop_before_limit_s=60",
                  "--dry-run", "--submit", "--local-spec"]) == 0
     plan = _submitted_plan("pipeline", run, capsys.readouterr().out)
-    assert plan["world_size"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1} and plan["data"]["lines"] == 64
+    assert plan["world_size"] == 2 and plan["layout"] == {"tp": 1, "ep": 2, "pp": 1, "cp": 1} and plan["data"]["lines"] == 64
     assert set(plan["stages"].values()) == {"to run"} and not (run / "hf-tiny").exists()  # a dry run writes nothing
