@@ -129,6 +129,11 @@ def _plan(args: argparse.Namespace) -> int:
                               args.gpu_memory_gib * GIB, impl=impl.name, qat=qat, savers=savers)
     ladder = further(cfg, recipe.parallel, args.world_size, recipe.train.micro_batch_size, args.gpu_memory_gib * GIB,
                      impl=impl.name, qat=qat, savers=savers)
+    if pipeline:  # a pipeline recipe sets the savers per stage: name both stages' keys
+        from gptoss_nemo.config.load import qualify
+
+        for step in ladder:
+            step["turn_on"] = list(dict.fromkeys(qualify(o, s) for s in ("sft", "qat") for o in step["turn_on"]))
     from gptoss_nemo.train.flops import train_flops_per_token
 
     tokens = recipe.train.global_batch_size * recipe.data.seq_length
@@ -152,7 +157,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _ladder_text(ladder: list[dict]) -> str:
-    steps = [f"{x['turn_on']} -> {x['longest_seq_length_that_fits'] or 'none'}" for x in ladder]
+    steps = [" ".join(x["turn_on"]) + (f" ({x['note']})" if "note" in x else "")
+             + f" -> {x['longest_seq_length_that_fits'] or 'none'}" for x in ladder]
     return (f", or turn on (each adding to the one before; the longest sequence that then fits): {'; '.join(steps)}"
             if steps else "")
 

@@ -214,7 +214,7 @@ def test_plan_names_what_to_turn_on_next():
 
     cfg, layout = gpt_oss_120b(), ParallelLayout(tp=2, ep=8, pp=4)
     steps = further(cfg, layout, 32, 1, 80 * GIB, impl="te", qat=True)
-    names = [s["turn_on"].split()[0] for s in steps]
+    names = [s["turn_on"][0] for s in steps]
     assert names == ["train.recompute=full", "optimizer.exp_avg_dtype=bf16", "optimizer.main_grads_dtype=bf16",
                      "parallel.cp=2", "parallel.cp=4"]  # cp 8 would need tp x cp | 8 KV heads: 16 does not
     lengths = [s["longest_seq_length_that_fits"] or 0 for s in steps]
@@ -223,3 +223,17 @@ def test_plan_names_what_to_turn_on_next():
                    savers=MemorySavers(recompute="full", exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16",
                                        main_grads_dtype="bf16"))
     assert done == []  # all on, and no context parallelism outside TE's spec
+
+
+def test_plan_names_a_pipeline_recipes_keys_per_stage(capsys):
+    import json
+    from pathlib import Path
+
+    from gptoss_nemo.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "gpt_oss_120b.yaml"
+    assert main(["plan", str(recipe), "qat.train.recompute=none", "sft.train.recompute=none", "--world-size", "32",
+                 "--model", "gpt-oss-120b", "--no-data"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["to_go_further"][0]["turn_on"] == ["sft.train.recompute=full", "qat.train.recompute=full"]
+    assert out["memory_savers"]["exp_avg_dtype"] == "bf16" and out["longest_seq_length_that_fits"] < 8192

@@ -225,18 +225,18 @@ def longest_fitting(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, 
 
 
 LADDER = (  # what to turn on next, in the order that costs least per step (benchmarks/RESULTS.md)
-    ("train.recompute=full", dict(recompute="full", recompute_modules=(), recompute_layers=None)),
-    ("optimizer.exp_avg_dtype=bf16 optimizer.exp_avg_sq_dtype=bf16",
+    (["train.recompute=full"], dict(recompute="full", recompute_modules=(), recompute_layers=None)),
+    (["optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_sq_dtype=bf16"],
      dict(exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16", cpu_offload_fraction=0.0)),
-    ("optimizer.main_grads_dtype=bf16", dict(main_grads_dtype="bf16")),
+    (["optimizer.main_grads_dtype=bf16"], dict(main_grads_dtype="bf16")),
 )
 
 
 def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_batch: int, budget: float,
             impl: str = "fused", qat: bool = False, savers: MemorySavers = MemorySavers()) -> list[dict]:
     """The savers not yet on, added one after another (LADDER), then context parallelism doubled while the layout
-    allows it on this world size (Transformer Engine's spec only): for each, the overrides that turn it on and the
-    longest sequence that then fits."""
+    allows it on this world size (Transformer Engine's spec only): for each, the overrides that turn it on (a list),
+    the longest sequence that then fits, and a note where there is one."""
     import dataclasses
 
     from gptoss_nemo.errors import ConfigError
@@ -246,7 +246,7 @@ def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_ba
         if all(getattr(savers, k) == v for k, v in change.items()):
             continue
         savers = dataclasses.replace(savers, **change)
-        out.append({"turn_on": overrides, "longest_seq_length_that_fits": longest_fitting(
+        out.append({"turn_on": list(overrides), "longest_seq_length_that_fits": longest_fitting(
             cfg, layout, world_size, micro_batch, budget, impl=impl, qat=qat, savers=savers)})
     while impl == "te":
         wider = dataclasses.replace(layout, cp=layout.cp * 2)
@@ -255,8 +255,9 @@ def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_ba
         except ConfigError:
             break
         layout = wider
-        out.append({"turn_on": f"parallel.cp={layout.cp} data.packing=false (data parallel "
-                               f"{layout.data_parallel(world_size)}; context parallelism is not yet proven on GPUs)",
+        out.append({"turn_on": [f"parallel.cp={layout.cp}", "data.packing=false"],
+                    "note": f"data parallel {layout.data_parallel(world_size)}; context parallelism is not yet proven "
+                            "on GPUs",
                     "longest_seq_length_that_fits": longest_fitting(cfg, layout, world_size, micro_batch, budget,
                                                                     impl=impl, qat=qat, savers=savers)})
     return out
