@@ -54,6 +54,8 @@ from gptoss_nemo.model.param_count import count_parameters
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.train.memory_savers import MemorySavers
 
+NO_SAVERS = MemorySavers()  # frozen: the plain run's settings
+
 GIB = 1024**3
 
 
@@ -159,7 +161,7 @@ def _kept_and_transient(a: LayerActivations, savers: MemorySavers, layers: int) 
 
 
 def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_length: int, micro_batch: int,
-                     impl: str, savers: MemorySavers = MemorySavers()) -> float:
+                     impl: str, savers: MemorySavers = NO_SAVERS) -> float:
     te, fused = impl == "te", impl == "fused"
     a = layer_activations(cfg, layout, seq_length, micro_batch, impl)
     per_micro, recomputing = _kept_and_transient(a, savers, cfg.num_hidden_layers // layout.pp)
@@ -173,12 +175,12 @@ def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,
-             impl: str = "fused", qat: bool = False, savers: MemorySavers = MemorySavers(),
+             impl: str = "fused", qat: bool = False, savers: MemorySavers = NO_SAVERS,
              fused_adam: bool = True) -> tuple[MemoryEstimate, int]:
     """(the busiest stage's per-GPU estimate, that stage) under implementation `impl` (fused, te, reference) and
     the recipe's memory savers; fused_adam: whether TE or Apex is installed where it runs (the NeMo container: yes;
     `fused_adam_here()` for this machine). Layout validity is the caller's check."""
-    te, fused = impl == "te", impl == "fused"
+    fused = impl == "fused"
     dp, edp = world_size // (layout.tp * layout.pp), world_size // (layout.ep * layout.pp)
     best = None
     for stage in range(layout.pp):
@@ -209,7 +211,7 @@ def fused_adam_here() -> bool:
 
 def longest_fitting(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_batch: int, budget: float,
                     impl: str = "fused", qat: bool = False, step: int = 1024,
-                    savers: MemorySavers = MemorySavers()) -> int | None:
+                    savers: MemorySavers = NO_SAVERS) -> int | None:
     """The longest multiple of `step` tokens (up to the model's positions) whose estimate fits in `budget` bytes;
     None when not even `step` does. The estimate grows with the sequence length, so a bisection finds it."""
     def fits(seq: int) -> bool:
@@ -233,7 +235,7 @@ LADDER = (  # what to turn on next, in the order that costs least per step (benc
 
 
 def further(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, micro_batch: int, budget: float,
-            impl: str = "fused", qat: bool = False, savers: MemorySavers = MemorySavers()) -> list[dict]:
+            impl: str = "fused", qat: bool = False, savers: MemorySavers = NO_SAVERS) -> list[dict]:
     """The savers not yet on, added one after another (LADDER), then context parallelism doubled while the layout
     allows it on this world size (Transformer Engine's spec only): for each, the overrides that turn it on (a list),
     the longest sequence that then fits, and a note where there is one."""

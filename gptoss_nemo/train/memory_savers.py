@@ -45,7 +45,7 @@ class MemorySavers:
     cpu_offload_fraction: float = 0.0
 
     @classmethod
-    def of(cls, train, optimizer) -> "MemorySavers":
+    def of(cls, train, optimizer) -> MemorySavers:
         """From a recipe's `train` and `optimizer` sections (config/sft.py validates each value)."""
         return cls(recompute=train.recompute,
                    recompute_modules=tuple(train.recompute_modules) if train.recompute == "selective" else (),

@@ -181,7 +181,7 @@ def test_lighter_optimizer_states_resume(states, imported_tiny, tmp_path):
     run_python(*stage_args("sft", imported_tiny, ref_out, *common), timeout=300)
     ref = {r["step"]: r["lm_loss"] for r in read_metrics(ref_out / "metrics.jsonl") if r["step"] > 0}
     args = stage_args("sft", imported_tiny, out, *common)
-    kill_at, killed_after = kill_at_random_step(args, out, 7, 18)
+    _, killed_after = kill_at_random_step(args, out, 7, 18)
     run_python(*args, timeout=300)
     rows = {r["step"]: r["lm_loss"] for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0}
     diffs = {s: abs(rows[s] - ref[s]) for s in rows}
