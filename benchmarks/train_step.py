@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import os
 import statistics
 import subprocess
@@ -154,7 +153,7 @@ def run_megatron(args) -> dict:
                           main_params_dtype=args.main_params, main_grads_dtype=args.grads,
                           cpu_offload_fraction=args.offload)
     savers = MemorySavers.of(train, opt)
-    savers.check(args.impl, args.layers)
+    savers.check(args.impl, cfg, layout)
     gpt = build_rank_model(cfg, layout, RouterConfig(), impl=args.impl, calculate_per_token_loss=True,
                            cross_entropy_loss_fusion=args.fused_ce, cross_entropy_fusion_impl="native",
                            **savers.transformer_fields())
@@ -195,7 +194,7 @@ def run_megatron(args) -> dict:
     torch.distributed.all_gather_object(peaks, torch.cuda.max_memory_allocated() / 2**30)
     planned = planned_gib(cfg, layout, world, args, savers)
     out = {"impl": args.impl, "quant": args.quant, "seq": args.seq, "layers": args.layers,
-           "memory_savers": {k: v for k, v in asdict(savers).items() if v not in ((), None)},
+           "memory_savers": savers.changed(),
            "ep": args.ep, "gpus": world, "micro_batches": mb, "fused_ce": args.fused_ce,
            "step_s": whole, "fwd_bwd_s": fwd_bwd / mb, "optimizer_s": whole - fwd_bwd,
            **rates(cfg, args.seq, tokens, whole, peak),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import sys
 
 from gptoss_nemo import __version__
@@ -120,7 +119,7 @@ def _plan(args: argparse.Namespace) -> int:
     recipe.parallel.validate(cfg, args.world_size, te=impl.te)
     check_sequence_split(recipe.data, recipe.parallel, impl.te)
     savers = recipe.memory
-    savers.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp, here=False)
+    savers.check(impl.name, cfg, recipe.parallel, here=False)
     qat = getattr(recipe, "quant", None) is not None  # a pipeline's QAT stage, planned above
     mem, stage = estimate(cfg, recipe.parallel, args.world_size, recipe.data.seq_length,
                           recipe.train.micro_batch_size, impl=impl.name, qat=qat, savers=savers)
@@ -143,7 +142,7 @@ def _plan(args: argparse.Namespace) -> int:
                       "per_gpu_gib": mem.gib(),
                       "qat": qat, "gpu_memory_gib": args.gpu_memory_gib, "fits": fits,
                       "seq_length": recipe.data.seq_length, "longest_seq_length_that_fits": longest,
-                      "memory_savers": {k: v for k, v in asdict(savers).items() if v not in ((), None)},
+                      "memory_savers": savers.changed(),
                       "to_go_further": ladder,
                       "tokens_per_step": tokens,
                       "step_seconds_estimate": round(step_s, 3), "assumed_tflops_per_gpu": args.tflops,

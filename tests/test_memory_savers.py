@@ -65,17 +65,21 @@ def test_what_megatron_is_given():
     assert off["optimizer_cpu_offload"] and off["optimizer_offload_fraction"] == 0.25
 
 
+TWELVE = gpt_oss_20b().replace(num_hidden_layers=12, layer_types=["full_attention"] * 12)
+
+
 def test_what_an_implementation_or_this_machine_cannot_run_is_refused():
     with pytest.raises(ConfigError, match="moe_act with model.impl=fused"):
-        MemorySavers(recompute="selective", recompute_modules=("moe_act",)).check("fused", 12)
-    MemorySavers(recompute="selective", recompute_modules=("moe_act",)).check("te", 12, here=False)
+        MemorySavers(recompute="selective", recompute_modules=("moe_act",)).check("fused", TWELVE, ParallelLayout())
+    moe_act = MemorySavers(recompute="selective", recompute_modules=("moe_act",))
+    moe_act.check("te", TWELVE, ParallelLayout(), here=False)
     with pytest.raises(ConfigError, match="recompute_layers=13 exceeds the 12 layers"):
-        MemorySavers(recompute="full", recompute_layers=13).check("fused", 12)
+        MemorySavers(recompute="full", recompute_layers=13).check("fused", TWELVE, ParallelLayout())
     light = MemorySavers(exp_avg_dtype="bf16")
-    light.check("fused", 12, here=False)  # planned for the job's container
+    light.check("fused", TWELVE, ParallelLayout(), here=False)  # planned for the job's container
     if te_problem() is not None:  # this CPU machine has no Transformer Engine
         with pytest.raises(ConfigError, match="need Transformer Engine's FusedAdam"):
-            light.check("fused", 12)
+            light.check("fused", TWELVE, ParallelLayout())
 
 
 def test_the_planner_counts_each_saver():
@@ -86,7 +90,8 @@ def test_the_planner_counts_each_saver():
 
     plain, full = plan(), plan(recompute="full")
     moe, half = plan(recompute="selective", recompute_modules=("moe",)), plan(recompute="full", recompute_layers=12)
-    assert plain.activations > moe.activations > full.activations and plain.activations > half.activations > full.activations
+    assert plain.activations > moe.activations > full.activations
+    assert plain.activations > half.activations > full.activations
     # full recompute keeps a layer's input per layer (2TH) plus one layer recomputed at a time (and the logits)
     h, t, layers = cfg.hidden_size, 16384, cfg.num_hidden_layers
     logits = 8 * t * cfg.vocab_size

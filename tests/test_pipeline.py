@@ -34,7 +34,7 @@ def test_shipped_recipes_validate_and_fit(name, model, gpu_gib, gpus, min_seq):
     assert impl.name == ("te" if r.parallel.tp > 1 else "fused"), impl
     for stage, qat in ((r.sft_recipe(), False), (r.qat_recipe(), True)):  # QAT holds the fake-quantized experts too
         stage.check_layout(cfg, world, te=impl.te)
-        stage.memory.check(impl.name, cfg.num_hidden_layers // r.parallel.pp, here=False)
+        stage.memory.check(impl.name, cfg, r.parallel, here=False)
         mem, _ = estimate(cfg, r.parallel, world, r.data.seq_length, stage.train.micro_batch_size, impl=impl.name,
                           qat=qat, savers=stage.memory)
         assert mem.total <= gpu_gib * GIB, mem.gib()

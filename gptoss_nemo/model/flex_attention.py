@@ -18,9 +18,9 @@ flex attention generates one fused kernel per mask and never materialises it.
 
 Block masks are built once per (mask, shape) and reused: for `None` in a process-wide cache; for document ids in
 a small cache keyed by the ids' storage and version (`_document_block_mask`), so every layer of a micro-batch, and
-its recomputation in the backward (which sees a detached alias of the same storage), share them. The kernel is `torch.compile(flex_attention)`, compiled on first
-use per shape (tens of seconds once). On the CPU the uncompiled path runs (forward only: flex attention has no
-CPU backward), which is what the CPU tests use.
+its recomputation in the backward (which sees a detached alias of the same storage), share them. The kernel is
+`torch.compile(flex_attention)`, compiled on first use per shape (tens of seconds once). On the CPU the uncompiled
+path runs (forward only: flex attention has no CPU backward), which is what the CPU tests use.
 """
 
 from __future__ import annotations

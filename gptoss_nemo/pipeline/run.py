@@ -83,7 +83,7 @@ def dry_run(recipe: PipelineRecipe, data: bool = True) -> dict:
     for name, stage_recipe in stages:
         with stage_keys(name):
             dp = stage_recipe.check_layout(cfg, world, te=impl.te)
-            stage_recipe.memory.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp)
+            stage_recipe.memory.check(impl.name, cfg, recipe.parallel)
     check_data_for_impl(recipe.data, recipe.parallel, impl)
     check_records(recipe.eval.data, recipe.eval.samples)
     t = recipe.sft.train

@@ -109,6 +109,7 @@ class LayerActivations:
     moe_act: float  # of which the experts' activation output
     core_attn: float  # what recomputing the core attention drops
     layer_input: float  # what a fully recomputed layer keeps
+    running: float  # megatron's reference attention: one layer's FP32 scores and softmax, while that layer runs
 
     @property
     def full(self) -> float:
@@ -131,6 +132,7 @@ def layer_activations(cfg: GptOssConfig, layout: ParallelLayout, seq_length: int
         moe_act=2 * k * t * i,
         core_attn=scores if scores else 2 * t * q / tp,
         layer_input=2 * t * h / sp,
+        running=2 * scores,  # 8 bytes per score
     )
 
 
@@ -162,16 +164,13 @@ def _kept_and_transient(a: LayerActivations, savers: MemorySavers, layers: int) 
 
 def activation_bytes(cfg: GptOssConfig, layout: ParallelLayout, stage: int, seq_length: int, micro_batch: int,
                      impl: str, savers: MemorySavers = NO_SAVERS) -> float:
-    te, fused = impl == "te", impl == "fused"
     a = layer_activations(cfg, layout, seq_length, micro_batch, impl)
     per_micro, recomputing = _kept_and_transient(a, savers, cfg.num_hidden_layers // layout.pp)
-    t = seq_length * micro_batch / layout.cp
     if stage == layout.pp - 1:  # the fused kernels' loss (TP 1) keeps 8 bytes per logit at its peak (measured)
-        per_micro += (8 if fused and layout.tp == 1 else 6) * t * cfg.vocab_size / layout.tp
+        logit_bytes = 8 if impl == "fused" and layout.tp == 1 else 6
+        per_micro += logit_bytes * seq_length * micro_batch / layout.cp * cfg.vocab_size / layout.tp
     in_flight = layout.pp - stage  # 1F1B: the first stage holds PP micro-batches
-    scores = micro_batch * (cfg.num_attention_heads / layout.tp) * seq_length**2
-    transient = 0.0 if (te or fused) else 8 * scores  # one layer's FP32 scores and softmax, while it runs
-    return per_micro * in_flight + max(transient, recomputing)
+    return per_micro * in_flight + max(a.running, recomputing)
 
 
 def estimate(cfg: GptOssConfig, layout: ParallelLayout, world_size: int, seq_length: int, micro_batch: int,

@@ -26,7 +26,7 @@ the same object, so what is planned is what runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from gptoss_nemo.errors import ConfigError
 
@@ -60,9 +60,14 @@ class MemorySavers:
         return (any(d != "fp32" for d in (self.exp_avg_dtype, self.exp_avg_sq_dtype, self.main_params_dtype))
                 or self.cpu_offload_fraction > 0)
 
-    def check(self, impl: str, layers_per_stage: int, here: bool = True) -> None:
-        """What the implementation and the installed packages can run; here=False plans for another machine (a
-        Slurm job's container, assumed to have Transformer Engine)."""
+    def changed(self) -> dict:
+        """The settings that are on, as printed by `plan` and the benchmark rows."""
+        return {k: v for k, v in asdict(self).items() if v not in ((), None)}
+
+    def check(self, impl: str, cfg, layout, here: bool = True) -> None:
+        """What the implementation, the layout (`cfg`'s layers over layout.pp stages) and the installed packages can
+        run; here=False plans for another machine (a Slurm job's container, assumed to have Transformer Engine)."""
+        layers_per_stage = cfg.num_hidden_layers // layout.pp
         if "moe_act" in self.recompute_modules and impl != "te":
             raise ConfigError(f"train.recompute_modules: moe_act with model.impl={impl}: megatron recomputes the "
                               "experts' activation inside TE's grouped GEMM only; use moe (the whole MoE block) or "

@@ -67,7 +67,7 @@ def prepare(recipe: SFTRecipe) -> Prepared:
     world = env_world_size()
     impl = resolve_impl(recipe.model.impl, layout=recipe.parallel, training=True)
     dp = recipe.check_layout(cfg, world, te=impl.te)
-    recipe.memory.check(impl.name, cfg.num_hidden_layers // recipe.parallel.pp)
+    recipe.memory.check(impl.name, cfg, recipe.parallel)
     check_data_for_impl(recipe.data, recipe.parallel, impl)
     if recipe.data.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_length={recipe.data.seq_length} exceeds the model's max_position_embeddings="

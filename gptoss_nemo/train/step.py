@@ -15,8 +15,8 @@ schedule, the loss reduction and the MoE auxiliary-loss report.
                (`context_parallel_share`); megatron slices RoPE and TE's attention exchanges heads to match,
                and the per-token loss adds up over DP x CP ranks
     documents  packed conversations (data/packing.py) stay apart in attention: the fused local kernels take
-               document ids [b, s] as the attention mask; TE's spec takes a micro-batch that packs several documents into
-               a sequence as one THD sequence, its documents delimited by cu_seqlens (PackedSeqParams), and one of
+               document ids [b, s] as the attention mask; TE's spec takes a micro-batch that packs several documents
+               into a sequence as one THD sequence, its documents delimited by cu_seqlens (PackedSeqParams), and one of
                single documents (data.packing=false) as it is (causal, the padding after each document); megatron's
                reference modules see one causal sequence (documents attend to earlier ones: the baseline only)
 """
