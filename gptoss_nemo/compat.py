@@ -153,6 +153,19 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    and reference implementations, TE not installed). With TE it only asks TE whether FP8 is on (no). The patch
    treats `fp8=False` like None. Upstream: NVIDIA/Megatron-LM, same file.
 
+15. moe_topk_sorted_without_grad — megatron-core 0.19.2, `megatron/core/transformer/moe/moe_utils.py`,
+   `topk_routing_with_score_function`: the router's top-k is `torch.topk(..., sorted=torch.is_grad_enabled())`,
+   unsorted whenever autograd is off. gpt-oss takes the softmax over the k selected logits, and a softmax sums its
+   k terms in the order top-k returns them, so the routing probabilities of a no-grad forward differ in the last
+   bit from those of the same forward with grad. Activation recompute runs the first forward of every recomputed
+   MoE block without grad and repeats it with grad in the backward: the loss then comes from one set of
+   probabilities and the gradients from the other (``train.recompute`` with the moe module, or full, under
+   model.impl=te and =reference: loss +5e-5 relative, expert gradients up to 0.1 relative on the tiny model, one
+   H100; tests/gpu/RESULTS.md). Evaluation, generation and the recompute's first pass alike now sort, as
+   training always did (k = 4 of at most 128 experts: nothing measurable). Upstream: NVIDIA/Megatron-LM #5601
+   ("Undo #4414 topk moe sorting based on grad enabled", RL runs' logprob mismatch); the router module's imported
+   name is repointed too.
+
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
 user input, reaches its compile/exec. Keep it that way.
@@ -337,13 +350,29 @@ def _patch_checkpoint_without_output_fp8() -> bool:
                            "self.fp8 = fp8 is not None and fp8 is not False")
 
 
+_TOPK_SORTED_WITH_GRAD = "torch.topk(scores, k=topk, dim=1, sorted=torch.is_grad_enabled())"
+
+
+def _patch_moe_topk_sorted_without_grad() -> bool:
+    from megatron.core.transformer.moe import moe_utils, router
+
+    name = "topk_routing_with_score_function"
+    if not _rewrite_method(moe_utils, name, _TOPK_SORTED_WITH_GRAD,
+                           "torch.topk(scores, k=topk, dim=1, sorted=True)"):
+        return False
+    if getattr(router, name, None) is not None:  # router.py imported the function by name
+        setattr(router, name, getattr(moe_utils, name))
+    return True
+
+
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "checkpoint_without_output_fp8": _patch_checkpoint_without_output_fp8,
             "dcp_restricted_unpickle": _patch_dcp_restricted_unpickle,
             "te_extra_state_unpickle": _patch_te_extra_state_unpickle,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
             "linear_bias_in_gemm": _patch_linear_bias_in_gemm,
-            "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm}
+            "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm,
+            "moe_topk_sorted_without_grad": _patch_moe_topk_sorted_without_grad}
 
 _LOCAL_MOE_NORM_KEY = "pre_mlp_layernorm."
 

@@ -1,6 +1,7 @@
 """Where a training forward without grad (what megatron's recompute runs first) stops being bitwise the forward with
-grad (what it repeats in the backward): the thirteenth session's open recompute difference under model.impl=te and
-=reference (tests/gpu/RESULTS.md). One GPU, the tiny model, deterministic kernels; prints, per module in call order,
+grad (what it repeats in the backward): the thirteenth session's recompute difference under model.impl=te and
+=reference (tests/gpu/RESULTS.md); run with GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad to see it again
+(compat.py 15). One GPU, the tiny model, deterministic kernels; prints, per module in call order,
 whether its output is bitwise equal in both modes, and the first that is not.
 
     python tests/gpu/recompute_diagnose.py te|reference|fused
@@ -59,7 +60,10 @@ def main(impl: str) -> None:
               + ("" if same or a.shape != b.shape else f" max |d| {(a.float() - b.float()).abs().max().item():.3e}"))
         if not same and first_bad is None:
             first_bad = name
-    print(f"RESULT no-grad vs grad training forward, impl={impl}: first module that differs: {first_bad}")
+    from gptoss_nemo.compat import apply_megatron_patches
+
+    print(f"RESULT no-grad vs grad training forward, impl={impl}: first module that differs: {first_bad} "
+          f"(workarounds in effect: {', '.join(apply_megatron_patches())})")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Recompute: the tiny model (4 layers, 8 experts) with and without train.recompute under each implementation, the
 fused one on packed documents (their ids go through megatron's checkpoint), in BF16 and under MXFP4 QAT: the loss,
-every parameter's gradient and the per-expert routed-token counts equal the plain run's. "Equal": within the plain
-run's own run-to-run spread, or 1e-3 relative (megatron runs a recomputed block's first forward under no_grad,
-where torch.compile may fuse the fused kernels' elementwise parts otherwise); how many gradients are bitwise equal
-is printed.
+every parameter's gradient and the per-expert routed-token counts are bitwise the plain run's (deterministic
+kernels; the plain run repeated is bitwise too). A recomputed block's first forward runs without grad, where
+megatron-core's router used an unsorted top-k and so other routing probabilities (compat.py 15): the loss then
+came from those and the gradients from the recomputation's.
 
 Optimizer states: 200 SFT steps of the tiny task (the recipe sft_tiny.yaml) with FP32 states and with each lighter
 option; the validation loss and the training-loss curve stay within the stated tolerance of the FP32 run, and a run
@@ -125,12 +125,11 @@ def test_recompute_gives_the_plain_run_exactly(megatron_parallel, deterministic,
                "plain_run_to_run_spread": spread, "bitwise_equal_grads": f"{bitwise}/{len(g0)}",
                "routed_tokens_equal": bool(torch.equal(c0, c1)), "plain_routed_tokens_equal": bool(torch.equal(c0, c0b)),
                "routed_tokens": int(c1.sum().item())})
-    assert abs(l1 - l0) <= max(2 * abs(l0b - l0), 1e-4 * abs(l0))
-    assert diff <= max(2 * spread, 1e-3), (worst, diff, spread)
-    # each token counted once per layer (the no-grad first pass of a recomputed block is not counted), and the
-    # routing as stable as the plain run's own
+    assert l0b == l0 and spread == 0, "the plain run is not repeatable: deterministic kernels are off"
+    assert l1 == l0 and bitwise == len(g0), (l1 - l0, worst, diff)
+    # each token counted once per layer (the no-grad first pass of a recomputed block is not counted)
     assert c1.sum().item() == 2 * 512 * hf.num_experts_per_tok * hf.num_hidden_layers
-    assert (c1 - c0).abs().sum() <= max((c0b - c0).abs().sum(), 0), (c0, c1, c0b)
+    assert torch.equal(c1, c0)
 
 
 STATES = {  # name: overrides; each against "fp32"
