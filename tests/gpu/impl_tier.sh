@@ -41,7 +41,7 @@ case $part in
       "recompute-reference=GPU_TESTS_IMPL=reference $P $S -k recompute" \
       "states-200=$FU GPU_TESTS_JOBS_PER_GPU=5 $P $S -k 200_tiny" \
       "states-resume=$FU $P $S -k resume" \
-      "recompute-diag=export NVIDIA_TF32_OVERRIDE=0; for i in te reference; do python3 $G/recompute_diagnose.py $i; GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad python3 $G/recompute_diagnose.py $i; done" \
+      "recompute-diag=export NVIDIA_TF32_OVERRIDE=0; for i in te reference; do python3 $G/recompute_diagnose.py \$i; GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad python3 $G/recompute_diagnose.py \$i; done" \
       "plan-savers=GPU_TESTS_SAVER_VARIANTS='fused full sel-moe bf16-states-grads offload-half te te-full' $P $G/test_plan_gpu.py -k memory_savers"
     ;;
   savers-plan)  # alone on the GPU: the step times are the benchmark's
