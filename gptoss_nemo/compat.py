@@ -166,6 +166,18 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    ("Undo #4414 topk moe sorting based on grad enabled", RL runs' logprob mismatch); the router module's imported
    name is repointed too.
 
+16. hybrid_optimizer_group_step — megatron-core 0.19.2,
+   `megatron/core/optimizer/cpu_offloading/hybrid_optimizer.py`, `_sync_hdo_param_groups_to_sub_optimizers`: with
+   `optimizer.cpu_offload_fraction` the optimizer is megatron's HybridDeviceOptimizer, torch's AdamW on the CPU share
+   and TE's FusedAdam on the GPU share; FusedAdam counts its Adam step in each param group. A checkpoint's load
+   writes the step into the hybrid optimizer's own param groups, and before every step the hybrid optimizer copies
+   its groups' attributes onto its sub-optimizers', step included: the GPU share's step is reset to the loaded one
+   before each update, so after a resume every update used the bias correction of the first step after it (seen on
+   an H100: SIGKILL at step 11, resumed from step 10, losses bitwise the uninterrupted run's to step 12, then off by
+   up to 0.013 at step 20). The patch leaves `step` out of what is copied (the sub-optimizers are rebuilt from the
+   loaded groups, so FusedAdam starts from the loaded step and counts on). Upstream: NVIDIA/Megatron-LM, same file
+   (no issue found filed).
+
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
 user input, reaches its compile/exec. Keep it that way.
@@ -365,6 +377,16 @@ def _patch_moe_topk_sorted_without_grad() -> bool:
     return True
 
 
+_HDO_GROUP_ATTRS = 'del update_group_attrs["params"]'
+
+
+def _patch_hybrid_optimizer_group_step() -> bool:
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    return _rewrite_method(HybridDeviceOptimizer, "_sync_hdo_param_groups_to_sub_optimizers", _HDO_GROUP_ATTRS,
+                           'del update_group_attrs["params"]; update_group_attrs.pop("step", None)')
+
+
 _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "checkpoint_without_output_fp8": _patch_checkpoint_without_output_fp8,
             "dcp_restricted_unpickle": _patch_dcp_restricted_unpickle,
@@ -372,7 +394,8 @@ _PATCHES = {"expert_bias_inplace_add": _patch_expert_bias_inplace_add,
             "adamw_step_key_on_load": _patch_adamw_step_key_on_load,
             "linear_bias_in_gemm": _patch_linear_bias_in_gemm,
             "router_bias_in_te_gemm": _patch_router_bias_in_te_gemm,
-            "moe_topk_sorted_without_grad": _patch_moe_topk_sorted_without_grad}
+            "moe_topk_sorted_without_grad": _patch_moe_topk_sorted_without_grad,
+            "hybrid_optimizer_group_step": _patch_hybrid_optimizer_group_step}
 
 _LOCAL_MOE_NORM_KEY = "pre_mlp_layernorm."
 

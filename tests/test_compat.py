@@ -276,3 +276,45 @@ def test_router_probabilities_do_not_depend_on_grad_mode(mode, expected):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == expected, r.stdout
+
+
+HDO_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    if sys.argv[1] == "patched":
+        from gptoss_nemo.compat import apply_megatron_patches
+        assert "hybrid_optimizer_group_step" in apply_megatron_patches()
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    class GroupStepAdam(torch.optim.Optimizer):  # counts its step per param group, as TE's FusedAdam does
+        def __init__(self, groups):
+            super().__init__(groups, {})
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["step"] = group.get("step", 0) + 1
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    hdo = HybridDeviceOptimizer.__new__(HybridDeviceOptimizer)  # its GPU share alone (no CUDA here)
+    torch.optim.Optimizer.__init__(hdo, [{"params": [p], "lr": 1.0}], {})
+    hdo.param_to_inner_param = {p: p}
+    hdo.cpu_optimizers = []
+    hdo.param_groups[0]["step"] = 10  # what a checkpoint's load writes (megatron's DistributedOptimizer)
+    hdo.gpu_optimizer = GroupStepAdam([dict(hdo.param_groups[0])])  # rebuilt from the loaded groups
+    steps = []
+    for _ in range(3):  # HybridDeviceOptimizer.step: groups synced to the sub-optimizers, then their step
+        hdo._sync_hdo_param_groups_to_sub_optimizers()
+        hdo.gpu_optimizer.step()
+        steps.append(hdo.gpu_optimizer.param_groups[0]["step"])
+    print(steps)
+""")
+
+
+@pytest.mark.parametrize("mode,expected", [("bare", "[11, 11, 11]"), ("patched", "[11, 12, 13]")])
+def test_offloading_optimizer_counts_steps_on_after_a_resume(mode, expected):
+    """Workaround 16: after a checkpoint's load, megatron's HybridDeviceOptimizer copied the loaded step onto its
+    GPU share (TE's FusedAdam, which counts steps per param group) before every update, so every update after a
+    resume used the first one's bias correction; patched, the GPU share counts on from the loaded step."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-c", HDO_SCRIPT, mode], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == expected, r.stdout
