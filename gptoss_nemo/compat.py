@@ -162,7 +162,7 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    probabilities and the gradients from the other (``train.recompute`` with the moe module, or full, under
    model.impl=te and =reference: loss +5e-5 relative, expert gradients up to 0.1 relative on the tiny model, one
    H100; tests/gpu/RESULTS.md). Evaluation, generation and the recompute's first pass alike now sort, as
-   training always did (k = 4 of at most 128 experts: nothing measurable). Upstream: NVIDIA/Megatron-LM #5601
+   training always did (a sort of k = 4 values per token; not measured). Upstream: NVIDIA/Megatron-LM #5601
    ("Undo #4414 topk moe sorting based on grad enabled", RL runs' logprob mismatch); the router module's imported
    name is repointed too.
 
