@@ -120,7 +120,8 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    pytorch/pytorch, same files (DCP's metadata is a pickle by design).
 
 12. te_extra_state_unpickle — Transformer Engine 2.x before its own guard,
-   `transformer_engine/pytorch/module/base.py`, `TransformerEngineBaseModule.set_extra_state`: `state = pickle.loads(state.detach().numpy(force=True).tobytes())`
+   `transformer_engine/pytorch/module/base.py`, `TransformerEngineBaseModule.set_extra_state`:
+   `state = pickle.loads(state.detach().numpy(force=True).tobytes())`
    unpickles the `_extra_state` byte tensor every TE module has in a checkpoint (its FP8 metadata: dicts of numbers,
    strings and CPU tensors; empty in this package's BF16 and FP4 training), so under `model.impl=te` a crafted
    checkpoint runs code on load. The patch reads it with `load_extra_state`, i.e. megatron-core's own

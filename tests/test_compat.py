@@ -37,10 +37,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (the workarounds patch process-wide), with `args` and extra environment."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, timeout=300)
+
+
+def _last_line(script: str, mode: str) -> str:
+    """What `script` run with `mode` ("bare" or "patched") printed last; it must exit cleanly."""
+    r = _python(script, mode)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
 def _run(mode: str, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode, str(port)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return _python(SCRIPT, mode, str(port))
 
 
 def test_bug_present_in_installed_megatron_and_patch_fixes_it():
@@ -153,8 +164,7 @@ def test_a_workaround_can_be_left_out():
     code = ("from gptoss_nemo.compat import apply_megatron_patches\n"
             "from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as L\n"
             "print(apply_megatron_patches(), getattr(L.forward, '__gptoss_nemo_patched__', False))")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "GPTOSS_NEMO_SKIP_PATCHES": "linear_bias_in_gemm, x"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = _python(code, GPTOSS_NEMO_SKIP_PATCHES="linear_bias_in_gemm, x")
     applied, patched = out.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     assert "'expert_bias_inplace_add'" in applied and "linear_bias_in_gemm" not in applied and patched == "False", out
 
@@ -184,11 +194,7 @@ def test_router_bias_kept_out_of_te_gemm(mode, expected):
     """With TE installed megatron computes the router logits with TE's GEMM, handing it gpt-oss's BF16 router bias
     for an FP32 output (wrong logits on the GPU: compat.py 10); patched, TE gets no bias and the FP32 logits are
     x w^T + b exactly."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-c", ROUTER_SCRIPT, mode], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1].startswith(expected), r.stdout
+    assert _last_line(ROUTER_SCRIPT, mode).startswith(expected)
 
 
 def test_sink_gradients_are_divided_over_context_parallel_ranks():
@@ -271,11 +277,7 @@ def test_router_probabilities_do_not_depend_on_grad_mode(mode, expected):
     """Workaround 15: megatron's router sorts its top-k only with grad on, and the softmax over the k logits then
     sums them in another order, so a recompute's no-grad first forward routes with other probabilities (last bits)
     than the forward it repeats; patched (through the name the router module imported), both are bitwise equal."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-c", TOPK_SCRIPT, mode], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == expected, r.stdout
+    assert _last_line(TOPK_SCRIPT, mode) == expected
 
 
 HDO_SCRIPT = textwrap.dedent("""
@@ -313,8 +315,4 @@ def test_offloading_optimizer_counts_steps_on_after_a_resume(mode, expected):
     """Workaround 16: after a checkpoint's load, megatron's HybridDeviceOptimizer copied the loaded step onto its
     GPU share (TE's FusedAdam, which counts steps per param group) before every update, so every update after a
     resume used the first one's bias correction; patched, the GPU share counts on from the loaded step."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-c", HDO_SCRIPT, mode], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == expected, r.stdout
+    assert _last_line(HDO_SCRIPT, mode) == expected
