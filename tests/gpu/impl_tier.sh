@@ -7,7 +7,8 @@
 #                                                        included), then the BF16 diagnosis and the fused import lane
 #   bash tests/gpu/impl_tier.sh savers LOG_DIR SECONDS  the memory savers (issue 23): recompute under fused, te and
 #                                                        reference; lighter optimizer states over 200 tiny steps and
-#                                                        their resume (TE must import: FusedAdam); the planner's
+#                                                        their resume (TE must import: FusedAdam); CP2 against
+#                                                        CP1 under TE (on one GPU its two ranks share it); the planner's
 #                                                        rows are savers-plan (their 20b-width steps take ~70 GiB:
 #                                                        beside these lanes they run an 80 GB card out of memory)
 #   bash tests/gpu/impl_tier.sh savers-plan LOG_DIR SECONDS  the planner against measured peaks with each saver, and
@@ -42,6 +43,7 @@ case $part in
       "recompute-reference=GPU_TESTS_IMPL=reference $P $S -k recompute" \
       "states-200=$FU GPU_TESTS_JOBS_PER_GPU=5 $P $S -k 200_tiny" \
       "states-resume=$FU $P $S -k resume" \
+      "context-parallel=$P $G/test_context_parallel_gpu.py" \
       "recompute-diag=export NVIDIA_TF32_OVERRIDE=0; for i in te reference; do python3 $G/recompute_diagnose.py \$i; GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad python3 $G/recompute_diagnose.py \$i; done"
     ;;
   savers-plan)  # alone on the GPU: the step times are the benchmark's
