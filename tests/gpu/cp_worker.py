@@ -2,9 +2,9 @@
 spec at context-parallel size --cp, through the training step's own code (train/step.py: each CP rank's share of
 every sequence, the per-token loss, megatron's schedule, DDP's main gradients), then the gradients reduced as
 megatron's finalize_model_grads does with the per-token loss: summed over the data x context-parallel ranks (the
-experts over theirs), divided by the global batch's loss tokens. Writes to --out: result.json (loss), grads.pt
-(rank 0, FP32) and logits_cp{rank}.pt (each rank's share of a forward without labels, BF16 as the output layer
-computed them, with the positions it holds).
+experts over theirs), divided by the global batch's loss tokens. Writes to --out: result.json (the loss, and the
+tokens each expert of each layer was routed), grads.pt (rank 0, FP32) and logits_cp{rank}.pt (each rank's share of
+a forward without labels, BF16 as the output layer computed them, with the positions it holds).
 
 With fewer GPUs than ranks (one lent GPU, CP2) every rank runs on GPU 0 over a gloo process group: TE's all-to-all
 and all-gather and megatron's all-reduces then go through host memory. Each rank computes what it would over NCCL.
@@ -32,6 +32,7 @@ from gptoss_nemo.model.megatron_config import RouterConfig
 from gptoss_nemo.parallel.layout import ParallelLayout
 from gptoss_nemo.parallel.setup import init_distributed, shutdown
 from gptoss_nemo.train.batches import GlobalBatches
+from gptoss_nemo.train.expert_load import RoutedTokenCounter
 from gptoss_nemo.train.step import (
     context_parallel_share,
     experts_in_their_own_optimizer,
@@ -89,8 +90,10 @@ model = DistributedDataParallel(
                                               overlap_grad_reduce=False), Float16Module(gpt.config, gpt))
 batches = GlobalBatches(sequences(cfg, args.batch, args.seq), args.batch, args.micro_batch, 0, 1, seed=0)
 
+counter = RoutedTokenCounter(gpt, cfg.num_local_experts)
 totals = run_global_batch(model, batches, 0, args.seq, forward_only=False)
 loss, tokens = global_mean(totals)
+routed = counter.take()  # [layers, experts], summed over the CP ranks
 grads = {}
 for name, param in gpt.named_parameters():
     g = param.main_grad.detach().clone().float()
@@ -115,7 +118,7 @@ if me.rank == 0:
     torch.save(grads, out / "grads.pt")
     (out / "result.json").write_text(json.dumps({
         "cp": cp, "world": dist.get_world_size(), "backend": dist.get_backend(), "shared_gpu": shared_gpu,
-        "micro_batch": args.micro_batch, "loss": loss, "loss_tokens": tokens,
+        "micro_batch": args.micro_batch, "loss": loss, "loss_tokens": tokens, "routed_tokens": routed.tolist(),
         "patches": apply_megatron_patches()}))  # the names of the workarounds in effect
 dist.barrier()
 shutdown()

@@ -44,7 +44,7 @@ case $part in
       "states-200=$FU GPU_TESTS_JOBS_PER_GPU=5 $P $S -k 200_tiny" \
       "states-resume=$FU $P $S -k resume" \
       "context-parallel=$P $G/test_context_parallel_gpu.py" \
-      "recompute-diag=export NVIDIA_TF32_OVERRIDE=0; for i in te reference; do python3 $G/recompute_diagnose.py \$i; GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad python3 $G/recompute_diagnose.py \$i; done"
+      "recompute-diag=export NVIDIA_TF32_OVERRIDE=0 NVTE_ALLOW_NONDETERMINISTIC_ALGO=0; for i in te reference; do python3 $G/recompute_diagnose.py \$i; GPTOSS_NEMO_SKIP_PATCHES=moe_topk_sorted_without_grad python3 $G/recompute_diagnose.py \$i; done"
     ;;
   savers-plan)  # alone on the GPU: the step times are the benchmark's
     bash $G/side_by_side.sh "$logs" "$limit" "plan-savers=$P $G/test_plan_gpu.py -k memory_savers"

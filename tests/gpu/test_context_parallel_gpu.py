@@ -5,14 +5,19 @@ step's code (cp_worker.py), logits and every parameter's gradient compared.
 The tolerance is the BF16 run's own: the CP1 run repeated with the global batch in two micro-batches instead of one
 changes which tokens each GEMM and each gradient accumulation sees, as CP does. CP2 may differ from CP1 by at most
 4 x that: the loss (or 1e-4 of it), the largest logit difference (or 0.1), each gradient's relative difference (or
-2e-2 of its norm where the split changes less); top-1 agreement may be 1 point below the split's, every token's
-logits keep a cosine >= 0.999. Without compat.py 13 every sink's gradient must fail that (TE 2.20 gathers it).
+2e-2 of its norm where the split changes less), the per-token logits' smallest cosine (1 - cos at most 4 x the
+split's); top-1 agreement may be 1 point below the split's. Without compat.py 13 every sink's gradient must fail
+that (TE 2.20 gathers it). An expert that CP2 routed other tokens than CP1 (a near-tied top-k choice flipped by BF16
+noise; at most 0.5% of the routed assignments may move) has another gradient: its tensors are reported, not
+compared. The random tiny model routes a few experts only a few dozen tokens, where one token more or less moves
+the gradient by ~1/sqrt(n) (18% seen, fifteenth session).
 Sequences are 1024 tokens, 8 x the sliding window; one fills its sequence, one ends in padding (data.packing=false).
 
 With one GPU, the two CP ranks share it over a gloo process group (cp_worker.py): the arithmetic is each rank's, the
 transport is not NCCL. Prints `RESULT ...` lines."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +36,8 @@ WORKER = Path(__file__).with_name("cp_worker.py")
 SEQ = 1024
 GRAD_FLOOR = 2e-2  # of a gradient's norm, where splitting the batch changes it by less
 NOISE_FACTOR = 4
+MAX_REROUTED = 0.005  # of the routed (token, expert) assignments: BF16 noise flips near-tied top-k choices
+EXPERT_TENSOR = re.compile(r"decoder\.layers\.(\d+)\.mlp\.experts\.linear_fc[12]\.(?:weight|bias)(\d+)$")  # TE's names
 
 
 def _run_all(jobs: dict[str, list[str]], timeout: int = 400) -> None:
@@ -91,12 +98,21 @@ def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
     split, cp2 = _logit_stats(_logits(runs["cp1-split"]), ref), _logit_stats(_logits(runs["cp2"]), ref)
     result("cp_logits", {"cp1_split_vs_cp1": split, "cp2_vs_cp1": cp2})
     assert cp2["max_abs"] <= max(NOISE_FACTOR * split["max_abs"], 0.1), (cp2, split)
-    assert cp2["min_cosine"] >= 0.999 and cp2["top1"] >= min(split["top1"], 1.0) - 0.01, (cp2, split)
+    assert 1 - cp2["min_cosine"] <= NOISE_FACTOR * (1 - split["min_cosine"]) + 1e-6, (cp2, split)
+    assert cp2["top1"] >= split["top1"] - 0.01, (cp2, split)
 
     losses = {k: v["loss"] for k, v in meta.items()}
     assert meta["cp2"]["loss_tokens"] == meta["cp1"]["loss_tokens"]
     loss_noise = abs(losses["cp1-split"] - losses["cp1"])
     assert abs(losses["cp2"] - losses["cp1"]) <= max(NOISE_FACTOR * loss_noise, 1e-4 * abs(losses["cp1"])), losses
+
+    routed = {k: torch.tensor(v["routed_tokens"]).long() for k, v in meta.items()}
+    moved = int((routed["cp2"] - routed["cp1"]).abs().sum()) // 2
+    rerouted = {tuple(x) for x in (routed["cp2"] != routed["cp1"]).nonzero().tolist()}  # (layer, expert)
+    result("cp_routing", {"assignments": int(routed["cp1"].sum()), "moved_cp2": moved, "rerouted": sorted(rerouted),
+                          "their_tokens_cp1": [int(routed["cp1"][x]) for x in sorted(rerouted)],
+                          "moved_split": int((routed["cp1-split"] - routed["cp1"]).abs().sum()) // 2})
+    assert moved <= MAX_REROUTED * routed["cp1"].sum(), (moved, rerouted)
 
     g = {name: torch.load(run / "grads.pt", weights_only=True) for name, run in runs.items()}
     assert g["cp2"].keys() == g["cp1"].keys()
@@ -105,12 +121,17 @@ def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
         noise = _rel(g["cp1-split"][name], ref_grad)
         err, bare = _rel(g["cp2"][name], ref_grad), _rel(g["cp2-bare"][name], ref_grad)
         rows[name] = {"cp2": err, "split": noise, "bare": bare}
-        if err > max(NOISE_FACTOR * noise, GRAD_FLOOR):
+        expert = EXPERT_TENSOR.match(name)
+        if expert and (int(expert[1]), int(expert[2])) in rerouted:
+            rows[name]["rerouted"] = True  # other tokens, another gradient: reported, not compared
+        elif err > max(NOISE_FACTOR * noise, GRAD_FLOOR):
             bad.append((name, rows[name]))
     sinks = {k: v for k, v in rows.items() if k.endswith("softmax_offset")}
-    worst = max(rows.items(), key=lambda kv: kv[1]["cp2"] / max(NOISE_FACTOR * kv[1]["split"], GRAD_FLOOR))
-    result("cp_gradients", {"tensors": len(rows), "worst": worst, "sinks": sinks,
-                            "max_rel_cp2": max(r["cp2"] for r in rows.values()),
+    compared = {k: v for k, v in rows.items() if "rerouted" not in v}
+    worst = max(compared.items(), key=lambda kv: kv[1]["cp2"] / max(NOISE_FACTOR * kv[1]["split"], GRAD_FLOOR))
+    result("cp_gradients", {"tensors": len(rows), "compared": len(compared), "worst": worst, "sinks": sinks,
+                            "rerouted": {k: v for k, v in rows.items() if "rerouted" in v},
+                            "max_rel_cp2": max(r["cp2"] for r in compared.values()),
                             "max_rel_split": max(r["split"] for r in rows.values())})
     assert sinks, "no attention sinks (softmax_offset) among the parameters"
     assert not bad, f"{len(bad)} gradients differ beyond the tolerance: {bad[:5]}"
