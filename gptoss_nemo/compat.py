@@ -142,9 +142,11 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    sinks' gradient comes out CP times too large. `scale_sink_gradients_over_cp` registers a hook on each TE
    attention's `softmax_offset` that divides its gradient by CP before it is accumulated, so the reduced sum is the
    gradient. Applied only when the installed TE gathers that gradient (its source has the all-gather) and CP > 1.
-   Found by reading the source; not run: CP needs two GPUs, and no two-GPU machine was lent (tests/gpu/RESULTS.md);
-   the hook itself is tested on the CPU. Upstream: NVIDIA/TransformerEngine and NVIDIA/Megatron-LM (no issue found
-   filed; TE's own CP test compares each rank's gradient with the single-GPU one, which the gather makes equal).
+   Found by reading the source, then seen on an H100 (TE 2.20.2, CP2 with both ranks on one GPU over gloo,
+   tests/gpu/test_context_parallel_gpu.py): without the hook the sinks' gradients are twice CP1's (relative
+   difference 0.98-1.01), with it within the BF16 noise. The hook itself is tested on the CPU. Upstream:
+   NVIDIA/TransformerEngine and NVIDIA/Megatron-LM (no issue found filed; TE's own CP test compares each rank's
+   gradient with the single-GPU one, which the gather makes equal).
 
 14. checkpoint_without_output_fp8 — megatron-core 0.19.2, `megatron/core/tensor_parallel/random.py`,
    `CheckpointWithoutOutput.__init__(self, fp8=False)`: `self.fp8 = fp8 is not None` is True for the default
@@ -176,8 +178,9 @@ its counterpart, called before ModelOpt quantizes or restores a model.
    before each update, so after a resume every update used the bias correction of the first step after it (seen on
    an H100: SIGKILL at step 11, resumed from step 10, losses bitwise the uninterrupted run's to step 12, then off by
    up to 0.013 at step 20). The patch leaves `step` out of what is copied (the sub-optimizers are rebuilt from the
-   loaded groups, so FusedAdam starts from the loaded step and counts on). Upstream: NVIDIA/Megatron-LM, same file
-   (no issue found filed).
+   loaded groups, so FusedAdam starts from the loaded step and counts on); with it the same kill and resume is
+   bitwise for all 20 steps (H100, tests/gpu/RESULTS.md fifteenth session). Upstream: NVIDIA/Megatron-LM, same
+   file (no issue found filed).
 
 `_rewrite_method` recompiles methods of the installed libraries from their own installed source files
 (`inspect.getsource`) with one fixed line replaced: nothing from a checkpoint, recipe or data file, nor any other
