@@ -45,12 +45,14 @@ def _run_all(jobs: dict[str, list[str]], timeout: int = 400) -> None:
     procs = {name: subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, cmd in jobs.items()}
     for name, proc in procs.items():
+        hung = ""
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        assert proc.returncode == 0, f"{name}: {' '.join(jobs[name])}\n{out[-2000:]}\n{err[-8000:]}"
+            hung = f" (hung for {timeout} s)"
+        assert proc.returncode == 0, f"{name}{hung}: {' '.join(jobs[name])}\n{out[-2000:]}\n{err[-8000:]}"
 
 
 def _logits(run: Path) -> torch.Tensor:
