@@ -9,6 +9,11 @@ from gptoss_nemo.evaluate.logits import compare, megatron_logits
 SEQ, BATCH = 512, 4
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in FP64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 def token_ids(vocab_size: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (BATCH, SEQ), generator=gen).cuda()

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from launch import env, result, torchrun_cmd
+from parity import relative_difference as rel
 
 from gptoss_nemo.compat import te_gathers_sink_gradients
 from gptoss_nemo.model.impl import te_problem
@@ -74,8 +75,6 @@ def _logit_stats(a: torch.Tensor, ref: torch.Tensor) -> dict:
             "bitwise_tokens": float((a == ref).all(-1).float().mean())}
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
@@ -120,8 +119,8 @@ def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
     assert g["cp2"].keys() == g["cp1"].keys()
     rows, bad = {}, []
     for name, ref_grad in g["cp1"].items():
-        noise = _rel(g["cp1-split"][name], ref_grad)
-        err, bare = _rel(g["cp2"][name], ref_grad), _rel(g["cp2-bare"][name], ref_grad)
+        noise = rel(g["cp1-split"][name], ref_grad)
+        err, bare = rel(g["cp2"][name], ref_grad), rel(g["cp2-bare"][name], ref_grad)
         rows[name] = {"cp2": err, "split": noise, "bare": bare}
         expert = EXPERT_TENSOR.match(name)
         if expert and (int(expert[1]), int(expert[2])) in rerouted:

@@ -8,6 +8,7 @@ most twice the reference module's plus 1e-3, for the output and every gradient. 
 import pytest
 import torch
 from attention_reference import dense_sink_attention
+from parity import relative_difference as rel
 
 from gptoss_nemo.model.build import build_model, transformer_config
 from gptoss_nemo.model.flex_attention import FlexSinkAttention, document_ids
@@ -15,10 +16,6 @@ from gptoss_nemo.model.megatron_config import RouterConfig
 from gptoss_nemo.model.presets import tiny
 
 pytestmark = pytest.mark.gpu
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _gpt20b_attention_config(layers_sliding):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from launch import IMPL, jobs_per_gpu, kill_at_random_step, result, run_many, run_python, stage_args
+from parity import relative_difference as rel
 
 from gptoss_nemo.model.impl import te_problem
 from gptoss_nemo.train.memory_savers import MemorySavers
@@ -82,10 +83,6 @@ def _loss_grads_counts(model, hf, impl: str):
     return loss.item(), grads, counter.counts.clone()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @pytest.fixture
 def deterministic():
     import os
@@ -115,15 +112,16 @@ def test_recompute_gives_the_plain_run_exactly(megatron_parallel, deterministic,
     l0b, g0b, c0b = _loss_grads_counts(plain, hf, impl)
     l1, g1, c1 = _loss_grads_counts(recomputed, hf, impl)
     assert set(g1) == set(g0)
-    spread = max(_rel(g0b[n], g0[n]) for n in g0)
-    diff = max(_rel(g1[n], g0[n]) for n in g0)
-    worst = max(g0, key=lambda n: _rel(g1[n], g0[n]))
+    spread = max(rel(g0b[n], g0[n]) for n in g0)
+    diff = max(rel(g1[n], g0[n]) for n in g0)
+    worst = max(g0, key=lambda n: rel(g1[n], g0[n]))
     bitwise = sum(torch.equal(g1[n], g0[n]) for n in g0)
     result(f"recompute {mode} ({', '.join(_savers(mode, impl).recompute_modules) or 'layers'}) vs none, "
            f"impl={impl}, {quant or 'bf16'}", {
                "loss": [l0, l1], "loss_diff": abs(l1 - l0), "max_grad_rel_diff": diff, "worst_param": worst,
                "plain_run_to_run_spread": spread, "bitwise_equal_grads": f"{bitwise}/{len(g0)}",
-               "routed_tokens_equal": bool(torch.equal(c0, c1)), "plain_routed_tokens_equal": bool(torch.equal(c0, c0b)),
+               "routed_tokens_equal": bool(torch.equal(c0, c1)),
+               "plain_routed_tokens_equal": bool(torch.equal(c0, c0b)),
                "routed_tokens": int(c1.sum().item())})
     assert l0b == l0 and spread == 0, "the plain run is not repeatable: deterministic kernels are off"
     assert l1 == l0 and bitwise == len(g0), (l1 - l0, worst, diff)
