@@ -75,8 +75,6 @@ def _logit_stats(a: torch.Tensor, ref: torch.Tensor) -> dict:
             "bitwise_tokens": float((a == ref).all(-1).float().mean())}
 
 
-
-
 def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
     hf = str(tiny_with_tokenizer)
     runs = {name: tmp_path / name for name in ("cp1", "cp1-split", "cp2", "cp2-bare")}

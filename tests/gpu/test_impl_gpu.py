@@ -20,6 +20,7 @@ import torch
 
 from export_check import exported_equal, fake_quant_exact
 from launch import json_line, result, stage_args, torchrun
+from parity import relative_difference
 from tiny_ckpt import checkpoint_with_tokenizer
 
 from gptoss_nemo.checkpoint.hf_layout import read_tensors
@@ -123,12 +124,35 @@ def _packed_batch(vocab: int, lengths: list[list[int]], seq: int):
     return {"tokens": tokens, "position_ids": pos}, docs
 
 
+def _per_document(model, rows) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Each document's logits (FP32, detached) and the parameter gradients of the sum over documents of their
+    positions' logsumexp; `rows`: (logits [k, 512, V], row, start, length) per document."""
+    model.zero_grad()
+    logits, loss = [], 0.0
+    for out, b, at, n in rows:
+        loss = loss + out[b, at:at + n].float().logsumexp(-1).sum()
+        logits.append(out[b, at:at + n].detach().float())
+    loss.backward()
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _agreement(a, b) -> dict:
+    (la, ga), (lb, gb) = a, b
+    return {"min_cosine": min(torch.nn.functional.cosine_similarity(x, y, dim=-1).min().item() for x, y in zip(la, lb)),
+            "min_top1": min((x.argmax(-1) == y.argmax(-1)).float().mean().item() for x, y in zip(la, lb)),
+            "max_grad_rel_diff": max(relative_difference(ga[n], gb[n]) for n in gb)}
+
+
 @pytest.mark.parametrize("impl", ["te", "fused"])
 def test_packed_documents_stay_apart(megatron_parallel, impl):
     """One micro-batch of two packed sequences (five documents and padding): every document's logits, and the
-    gradients of a loss on all of them, equal what each document gets run alone (BF16 kernels: to rounding). Each
-    document alone is one sequence of the same length (the document, then padding, which causal attention keeps
-    out of it), so the compiled kernels see one shape."""
+    gradients of a loss on all of them, equal what each document gets run alone, to within the arithmetic's own
+    noise: the five documents unpacked, one per row of one batch, against each alone in a batch of one (no document
+    can see another there; only the kernels' shapes differ, as they do when packed). Each document alone is one
+    sequence of the same length (the document, then padding, which causal attention keeps out of it), so the
+    compiled kernels see one length. fused runs in FP32 (flex attention takes it: a leak would stand far above the
+    noise); te in BF16 (its packed THD attention is cuDNN's, BF16/FP16 only), where near-tie routings of the random
+    tiny model flip between batch shapes and the noise is that of BF16."""
     if impl == "te" and te_packing_problem():
         pytest.skip(te_packing_problem())
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -137,35 +161,30 @@ def test_packed_documents_stay_apart(megatron_parallel, impl):
     from gptoss_nemo.train.step import model_inputs
 
     hf = tiny()
+    dtype = torch.float32 if impl == "fused" else torch.bfloat16
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(1234)
-    model = build_model(hf, transformer_config(hf, None, impl))
+    model = build_model(hf, transformer_config(hf, None, impl, params_dtype=dtype))
     model.eval()  # no load-balancing loss: it would see the padding and couple the documents (autograd stays on)
     batch, docs = _packed_batch(hf.vocab_size, [[150, 200, 100], [300, 140]], 512)
     inputs, documents = model_inputs(impl, batch, "cuda", thd=True)
-    model.zero_grad()
     packed = model(inputs["tokens"], inputs["position_ids"], **documents)  # [1 or b, tokens, V]
     packed = packed.reshape(2, 512, -1) if impl == "te" else packed
-    loss = sum(packed[b, at:at + len(ids)].float().logsumexp(-1).sum() for b, at, ids in docs)
-    loss.backward()
-    grads_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    cos, top1, alone_loss = [], [], 0.0
-    for b, at, ids in docs:
-        n = len(ids)
-        x = torch.zeros(1, 512, dtype=torch.long, device="cuda")
-        x[0, :n] = ids.cuda()
-        out = model(x, torch.arange(512, device="cuda").unsqueeze(0), attention_mask=None)[0, :n]
-        alone_loss = alone_loss + out.float().logsumexp(-1).sum()
-        p = packed[b, at:at + n].detach().float()
-        cos.append(torch.nn.functional.cosine_similarity(p, out.detach().float(), dim=-1).min().item())
-        top1.append((p.argmax(-1) == out.argmax(-1)).float().mean().item())
-    alone_loss.backward()
-    worst = max(((grads_packed[n] - p.grad).float().norm() / p.grad.float().norm().clamp_min(1e-12)).item()
-                for n, p in model.named_parameters() if p.grad is not None)
-    result(f"packed documents under {impl}", {"min_cosine_per_document": cos, "top1_per_document": top1,
-                                              "max_param_grad_rel_diff": worst})
-    assert min(cos) > 0.999 and min(top1) > 0.97 and worst < 0.05, (cos, top1, worst)
+    packed = _per_document(model, [(packed, b, at, len(ids)) for b, at, ids in docs])
+    rows = torch.zeros(len(docs), 512, dtype=torch.long, device="cuda")
+    for i, (_, _, ids) in enumerate(docs):
+        rows[i, :len(ids)] = ids.cuda()
+    positions = torch.arange(512, device="cuda").unsqueeze(0)
+    together = model(rows, positions.expand(len(docs), -1), attention_mask=None)
+    together = _per_document(model, [(together, i, 0, len(ids)) for i, (_, _, ids) in enumerate(docs)])
+    alone = _per_document(model, [(model(rows[i:i + 1], positions, attention_mask=None), 0, 0, len(ids))
+                                  for i, (_, _, ids) in enumerate(docs)])
+    got, noise = _agreement(packed, alone), _agreement(together, alone)
+    result(f"packed documents under {impl} ({str(dtype).removeprefix('torch.')}), against each alone",
+           {"packed": got, "unpacked_batch_of_5_noise": noise})
+    assert 1 - got["min_cosine"] <= 2 * (1 - noise["min_cosine"]) + 1e-6, (got, noise)
+    assert got["min_top1"] >= noise["min_top1"] - 0.01, (got, noise)
+    assert got["max_grad_rel_diff"] <= 2 * noise["max_grad_rel_diff"] + 1e-4, (got, noise)
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
