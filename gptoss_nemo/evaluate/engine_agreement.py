@@ -32,8 +32,9 @@ Against transformers' FP32 the statistics separate right from wrong:
     vLLM, MXFP4 export, one expert's scales +1   0.0108        20.6%            0.078               0.023
     vLLM, MXFP4 export, every scale +1           0.63          99.2%            0.238               0.77
 
-(tests/test_vllm_export.py holds the first two to the rule and fails the last with it; README, "Serving engines
-checked".)
+(tests/test_vllm_export.py holds the exact and MXFP4 exports to the rule and fails every-scale +1 and one expert's
+scales +1 with it, printing the fixed rule's verdict beside: in its 4 prompts the right MXFP4 export's first tokens
+are 0.0198 off, so the fixed rule fails it there too; README, "Serving engines checked".)
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ changes which tokens each GEMM and each gradient accumulation sees, as CP does. 
 2e-2 of its norm where the split changes less), the per-token logits' smallest cosine (1 - cos at most 4 x the
 split's); top-1 agreement may be 1 point below the split's. Without compat.py 13 every sink's gradient must fail
 that (TE 2.20 gathers it). An expert that CP2 routed other tokens than CP1 (a near-tied top-k choice flipped by BF16
-noise; at most 0.5% of the routed assignments may move) has another gradient: its tensors are reported, not
-compared. The random tiny model routes a few experts only a few dozen tokens, where one token more or less moves
-the gradient by ~1/sqrt(n) (18% seen, fifteenth session).
+noise; at most 0.5% of the routed assignments may move) has another gradient: its tensors beyond the tolerance are
+reported, not failed. The random tiny model routes a few experts only a few dozen tokens, where one token more or
+less moves the gradient by ~1/sqrt(n) (sixteenth session: layer 2's expert 0, 35 tokens, rerouted, 0.20-0.23 off;
+every other tensor, rerouted or not, within the tolerance).
 Sequences are 1024 tokens, 8 x the sliding window; one fills its sequence, one ends in padding (data.packing=false).
 
 With one GPU, the two CP ranks share it over a gloo process group (cp_worker.py): the arithmetic is each rank's, the
@@ -120,15 +121,16 @@ def test_cp2_logits_and_gradients_equal_cp1(tiny_with_tokenizer, tmp_path):
         noise = rel(g["cp1-split"][name], ref_grad)
         err, bare = rel(g["cp2"][name], ref_grad), rel(g["cp2-bare"][name], ref_grad)
         rows[name] = {"cp2": err, "split": noise, "bare": bare}
-        expert = EXPERT_TENSOR.match(name)
-        if expert and (int(expert[1]), int(expert[2])) in rerouted:
-            rows[name]["rerouted"] = True  # other tokens, another gradient: reported, not compared
-        elif err > max(NOISE_FACTOR * noise, GRAD_FLOOR):
-            bad.append((name, rows[name]))
+        if err > max(NOISE_FACTOR * noise, GRAD_FLOOR):
+            expert = EXPERT_TENSOR.match(name)
+            if expert and (int(expert[1]), int(expert[2])) in rerouted:
+                rows[name]["rerouted"] = True  # other tokens, another gradient: reported, not failed
+            else:
+                bad.append((name, rows[name]))
     sinks = {k: v for k, v in rows.items() if k.endswith("softmax_offset")}
     compared = {k: v for k, v in rows.items() if "rerouted" not in v}
     worst = max(compared.items(), key=lambda kv: kv[1]["cp2"] / max(NOISE_FACTOR * kv[1]["split"], GRAD_FLOOR))
-    result("cp_gradients", {"tensors": len(rows), "compared": len(compared), "worst": worst, "sinks": sinks,
+    result("cp_gradients", {"tensors": len(rows), "within_tolerance": len(compared), "worst": worst, "sinks": sinks,
                             "rerouted": {k: v for k, v in rows.items() if "rerouted" in v},
                             "max_rel_cp2": max(r["cp2"] for r in compared.values()),
                             "max_rel_split": max(r["split"] for r in rows.values())})
