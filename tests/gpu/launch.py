@@ -137,12 +137,19 @@ def run_many(jobs: list[list[str]], timeout: int = 400) -> list[str]:
                                               env={**env(), "CUDA_VISIBLE_DEVICES": str(slot % gpus)},
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         for i, proc in procs:
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-                pytest.fail(f"{jobs[i]} hung for {timeout} s\n{err[-4000:]}")
-            assert proc.returncode == 0, f"{jobs[i]}\n{out[-2000:]}\n{err[-6000:]}"
-            outputs[i] = out
+            outputs[i] = wait_ok(proc, timeout)
     return outputs
+
+
+def wait_ok(proc: subprocess.Popen, timeout: int) -> str:
+    """The stdout of a started process (text, pipes) once it exits 0; a non-zero exit, or a hang (killed after
+    `timeout` s), fails the test with the command and its output."""
+    cmd = " ".join(map(str, proc.args))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} hung for {timeout} s\n{out[-2000:]}\n{err[-8000:]}")
+    assert proc.returncode == 0, f"{cmd}\n{out[-2000:]}\n{err[-8000:]}"
+    return out

@@ -168,15 +168,14 @@ def test_packed_documents_stay_apart(megatron_parallel, impl):
     model.eval()  # no load-balancing loss: it would see the padding and couple the documents (autograd stays on)
     batch, docs = _packed_batch(hf.vocab_size, [[150, 200, 100], [300, 140]], 512)
     inputs, documents = model_inputs(impl, batch, "cuda", thd=True)
-    packed = model(inputs["tokens"], inputs["position_ids"], **documents)  # [1 or b, tokens, V]
-    packed = packed.reshape(2, 512, -1) if impl == "te" else packed
-    packed = _per_document(model, [(packed, b, at, len(ids)) for b, at, ids in docs])
+    out = model(inputs["tokens"], inputs["position_ids"], **documents).reshape(2, 512, -1)  # te: [1, 2 x 512, V]
+    packed = _per_document(model, [(out, b, at, len(ids)) for b, at, ids in docs])
     rows = torch.zeros(len(docs), 512, dtype=torch.long, device="cuda")
     for i, (_, _, ids) in enumerate(docs):
         rows[i, :len(ids)] = ids.cuda()
     positions = torch.arange(512, device="cuda").unsqueeze(0)
-    together = model(rows, positions.expand(len(docs), -1), attention_mask=None)
-    together = _per_document(model, [(together, i, 0, len(ids)) for i, (_, _, ids) in enumerate(docs)])
+    out = model(rows, positions.expand(len(docs), -1), attention_mask=None)
+    together = _per_document(model, [(out, i, 0, len(ids)) for i, (_, _, ids) in enumerate(docs)])
     alone = _per_document(model, [(model(rows[i:i + 1], positions, attention_mask=None), 0, 0, len(ids))
                                   for i, (_, _, ids) in enumerate(docs)])
     got, noise = _agreement(packed, alone), _agreement(together, alone)
